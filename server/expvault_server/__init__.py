@@ -1,0 +1,1 @@
+"""expvault_server: the vault daemon (`expvault serve`) and the `expvault` command."""
