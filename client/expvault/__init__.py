@@ -1,5 +1,6 @@
 """expvault: durable, networked storage for JAX/flashbax replay experience."""
 
+from expvault.counted import counted
 from expvault.errors import (
     AlreadyExistsError,
     DataLossError,
@@ -16,6 +17,7 @@ from expvault.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from expvault.local import Vault
 
 __version__ = "0.1.0"
 
@@ -34,5 +36,7 @@ __all__ = [
     "StreamBusyError",
     "UnauthenticatedError",
     "UnavailableError",
+    "Vault",
     "__version__",
+    "counted",
 ]

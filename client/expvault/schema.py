@@ -50,7 +50,7 @@ def _key_str(key: Any) -> str:
     if isinstance(key, jax.tree_util.DictKey):
         return str(key.key)
     if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
+        return str(key.name)
     if isinstance(key, jax.tree_util.SequenceKey):
         return str(key.idx)
     if isinstance(key, jax.tree_util.FlattenedIndexKey):
@@ -133,7 +133,9 @@ class Schema:
             leaves.append(LeafSpec(name, np.dtype(leaf.dtype), shape[2:]))
             keys.append(key)
         if len(batch_sizes) != 1:
-            raise InvalidArgumentError(f"leaves disagree on the batch size B: {sorted(batch_sizes)}")
+            raise InvalidArgumentError(
+                f"leaves disagree on the batch size B: {sorted(batch_sizes)}"
+            )
         return cls._checked(tuple(leaves), batch_sizes.pop(), treedef, tuple(keys), buffer_length)
 
     @classmethod
@@ -172,7 +174,7 @@ class Schema:
                 raise InvalidArgumentError(f"bad stored shape {shape_str!r} for {name!r}") from e
             if name not in dtypes:
                 raise InvalidArgumentError(f"stored metadata has no dtype for leaf {name!r}")
-            stored[name] = jax.ShapeDtypeStruct(shape, _parse_dtype(str(dtypes[name])))
+            stored[name] = jax.ShapeDtypeStruct(shape, _parse_dtype(str(dtypes[name])))  # type: ignore[no-untyped-call]
         as_dict = cls.from_experience(_nest(stored, shapes))
         if target is None:
             return as_dict
@@ -264,9 +266,7 @@ class Schema:
             SchemaMismatchError: wrong number of leaves, dtype or shape, or differing `n`.
         """
         if len(arrays) != len(self.leaves):
-            raise SchemaMismatchError(
-                f"got {len(arrays)} leaves, the vault has {len(self.leaves)}"
-            )
+            raise SchemaMismatchError(f"got {len(arrays)} leaves, the vault has {len(self.leaves)}")
         steps = set()
         for leaf, array in zip(self.leaves, arrays, strict=True):
             if array.dtype != leaf.dtype:

@@ -1,0 +1,239 @@
+"""Everything the storage engine does to the file system itself, in one place.
+
+tensorstore owns the zarr arrays; this module owns the rest of a stream's directory: names that
+cannot escape the root, atomic and durable JSON files, the write-ahead log of the partial time
+chunk, the writer lock, and bytes on disk. Another location (an object store) replaces this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from expvault.errors import (
+    InvalidNameError,
+    ResourceExhaustedError,
+    StorageError,
+    StreamBusyError,
+)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+WAL_DIR = "wal"
+_WAL_MAGIC = b"EXVW"
+_WAL_VERSION = 1
+_WAL_HEADER = struct.Struct("<4sIQQI")  # magic, version, start, num_steps, num_leaves
+_WAL_NAME = re.compile(r"(\d{20})-(\d{20})\.seg")
+LOCK_FILE = "expvault.lock"
+
+
+def check_name(kind: str, name: str) -> str:
+    """Returns `name` if it is a safe vault name or uid.
+
+    Raises:
+        InvalidNameError: it is empty, too long, has a path separator, `..`, or other characters
+            than letters, digits, `.`, `_` and `-`.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidNameError(
+            f"{kind} {name!r} is not valid: use 1-200 letters, digits, '.', '_' or '-', starting "
+            "with a letter or digit, without '/' or '..'"
+        )
+    return name
+
+
+def os_error(action: str, error: OSError) -> StorageError | ResourceExhaustedError:
+    """Turns an OSError into the error a client should see (disk full is a capacity limit)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhaustedError(f"{action}: the storage is full ({error.strerror})")
+    return StorageError(f"{action}: {error.strerror or error}")
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes the directory entries under `path` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
+    """Writes `chunks` to `path` atomically (temp file, fsync, rename, fsync of the directory)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        views = [memoryview(c).cast("B") for c in chunks]
+        while views:
+            written = os.writev(fd, views[:512])
+            while written and views:
+                if written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][written:]
+                    written = 0
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes `value` as JSON to `path`, atomically and durably."""
+    write_durably(path, [json.dumps(value, indent=1, sort_keys=True).encode()])
+
+
+def read_json(path: Path) -> Any:
+    """Reads a JSON file.
+
+    Raises:
+        StorageError: it cannot be read or parsed.
+    """
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StorageError(f"cannot read {path.name} of {path.parent}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Steps `[start, start + num_steps)` of a stream, held in the write-ahead log.
+
+    Attributes:
+        start: stream offset of the first step.
+        arrays: one array per leaf, `(B, num_steps, ...)`, in schema order.
+    """
+
+    start: int
+    arrays: tuple[np.ndarray[Any, Any], ...]
+
+    @property
+    def num_steps(self) -> int:
+        """Number of time steps in the segment."""
+        return int(self.arrays[0].shape[1])
+
+    @property
+    def stop(self) -> int:
+        """Stream offset one past the last step."""
+        return self.start + self.num_steps
+
+
+def _segment_path(stream_dir: Path, start: int, stop: int) -> Path:
+    return stream_dir / WAL_DIR / f"{start:020d}-{stop:020d}.seg"
+
+
+def write_segment(stream_dir: Path, segment: Segment) -> None:
+    """Appends one segment to the stream's write-ahead log; durable when it returns."""
+    views = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in segment.arrays]
+    header = _WAL_HEADER.pack(
+        _WAL_MAGIC, _WAL_VERSION, segment.start, segment.num_steps, len(views)
+    ) + struct.pack(f"<{len(views)}Q", *(len(v) for v in views))
+    crc = zlib.crc32(header)
+    for v in views:
+        crc = zlib.crc32(v, crc)
+    (stream_dir / WAL_DIR).mkdir(exist_ok=True)
+    write_durably(
+        _segment_path(stream_dir, segment.start, segment.stop),
+        [header, *views, struct.pack("<I", crc)],
+    )
+
+
+def segment_files(stream_dir: Path) -> Iterator[tuple[int, int, Path]]:
+    """Yields `(start, stop, path)` of every complete log segment, unordered."""
+    try:
+        names = os.listdir(stream_dir / WAL_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if m := _WAL_NAME.fullmatch(name):
+            yield int(m.group(1)), int(m.group(2)), stream_dir / WAL_DIR / name
+
+
+def read_segment(
+    path: Path, dtypes: Sequence[np.dtype[Any]], shapes: Sequence[tuple[int, ...]]
+) -> Segment:
+    """Reads one log segment back.
+
+    Args:
+        path: the segment file.
+        dtypes: each leaf's dtype, in schema order.
+        shapes: each leaf's `(B, ...)` shape without the time axis, in schema order.
+
+    Raises:
+        StorageError: the file is damaged (bad magic, sizes or checksum).
+    """
+    data = path.read_bytes()
+    try:
+        magic, version, start, steps, nleaves = _WAL_HEADER.unpack_from(data)
+        if magic != _WAL_MAGIC or version != _WAL_VERSION or nleaves != len(dtypes):
+            raise ValueError("bad header")
+        offset = _WAL_HEADER.size
+        sizes = struct.unpack_from(f"<{nleaves}Q", data, offset)
+        offset += 8 * nleaves
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        if zlib.crc32(memoryview(data)[: len(data) - 4]) != crc:
+            raise ValueError("checksum mismatch")
+        arrays = []
+        for size, dtype, shape in zip(sizes, dtypes, shapes, strict=True):
+            full = (shape[0], steps, *shape[1:])
+            arrays.append(np.frombuffer(data, dtype, int(np.prod(full)), offset).reshape(full))
+            offset += size
+        if offset != len(data) - 4:
+            raise ValueError("sizes do not add up")
+    except (ValueError, struct.error) as e:
+        raise StorageError(f"write-ahead log segment {path} is damaged: {e}") from e
+    return Segment(start, tuple(arrays))
+
+
+def remove_quietly(path: Path) -> None:
+    """Deletes a file, ignoring one that is already gone."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class WriterLock:
+    """An exclusive advisory lock on a stream directory: one writing process per stream."""
+
+    def __init__(self, stream_dir: Path) -> None:
+        self._fd = os.open(stream_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._fd)
+            raise StreamBusyError(
+                f"stream {stream_dir.parent.name}/{stream_dir.name} is being written by another "
+                "process; a stream has one writer at a time (use another vault_uid)"
+            ) from e
+
+    def release(self) -> None:
+        """Releases the lock (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Total size of the files under `path` in bytes (allocated blocks, as `du` counts)."""
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+    return total

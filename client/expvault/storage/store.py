@@ -1,0 +1,450 @@
+"""The root of many vaults: `<root>/<vault_name>/<vault_uid>/` is a flashbax-format stream.
+
+A vault has one experience structure, recorded in `<root>/<vault_name>/vault.json`; each stream
+directory holds flashbax's `metadata.json` and one OCDBT database with a zarr array per leaf and
+`vault_index`. Vaults written by flashbax (no `vault.json`) are served as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tensorstore as ts
+
+from expvault.errors import (
+    AlreadyExistsError,
+    ExpvaultError,
+    InvalidArgumentError,
+    InvalidNameError,
+    NotFoundError,
+    StorageError,
+)
+from expvault.schema import Schema
+from expvault.storage import files
+from expvault.storage.stream import Stream
+
+logger = logging.getLogger(__name__)
+
+VAULT_FILE = "vault.json"
+METADATA_FILE = "metadata.json"
+FLASHBAX_VERSION = 1.2  # the flashbax on-disk format version expvault writes
+TIME_AXIS_MAX_LENGTH = int(10e12)  # flashbax's declared time axis; the real length is vault_index
+_FLASHBAX_KEYS = ("version", "structure_shape", "structure_dtype")
+_EXPVAULT_KEY = "expvault"
+_TARGET_CHUNK_BYTES = 1 << 20
+_OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}  # keeps per-commit cost flat as data grows
+
+COMPRESSION_PRESETS: dict[str, dict[str, Any] | None] = {
+    "lz4": {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1},
+    "zstd": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 1},
+    "gzip": {"id": "gzip", "level": 5},
+    "none": None,
+}
+DEFAULT_COMPRESSION = "lz4"
+
+
+def resolve_compression(compression: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Returns the zarr v2 `compressor` for a preset name or a compressor dict.
+
+    Args:
+        compression: None (the default, blosc lz4), a preset (`"lz4"`, `"zstd"`, `"gzip"`,
+            `"none"`), or a zarr compressor dict as flashbax takes (`{"id": "gzip", "level": 5}`).
+
+    Raises:
+        InvalidArgumentError: an unknown preset or a dict without `"id"`.
+    """
+    if compression is None:
+        compression = DEFAULT_COMPRESSION
+    if isinstance(compression, str):
+        if compression not in COMPRESSION_PRESETS:
+            raise InvalidArgumentError(
+                f"unknown compression {compression!r}; use one of {sorted(COMPRESSION_PRESETS)} "
+                "or a zarr compressor dict"
+            )
+        preset = COMPRESSION_PRESETS[compression]
+        return None if preset is None else dict(preset)
+    if not isinstance(compression, Mapping) or "id" not in compression:
+        raise InvalidArgumentError(
+            f"compression {compression!r} must be a preset name or a zarr compressor dict with 'id'"
+        )
+    return dict(compression)
+
+
+def default_chunk_steps(schema: Schema) -> int:
+    """Steps per time chunk: a power of two giving about 1 MiB for the largest leaf (16..65536)."""
+    widest = max(schema.batch_size * leaf.step_bytes for leaf in schema.leaves) or 1
+    steps = 2 ** int(math.log2(max(1, _TARGET_CHUNK_BYTES // widest)))
+    return int(min(max(steps, 16), 65536))
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """A stream's name, committed length (steps) and bytes on disk."""
+
+    vault_uid: str
+    length: int
+    bytes_on_disk: int
+
+
+@dataclass(frozen=True)
+class VaultInfo:
+    """A vault: its structure, user metadata, storage settings and streams."""
+
+    vault_name: str
+    schema: Schema
+    metadata: dict[str, Any]
+    compression: dict[str, Any] | None
+    chunk_steps: int
+    streams: tuple[StreamInfo, ...]
+
+
+class Store:
+    """All vaults under one root directory; opens each stream once and shares it.
+
+    Args:
+        root: the directory holding the vaults (created when missing).
+        cache_bytes: tensorstore's chunk cache for reads, shared by all streams.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, cache_bytes: int = 256 << 20) -> None:
+        self.root = Path(root).absolute()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise files.os_error(f"cannot create the storage root {self.root}", e) from e
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        self._lock = threading.RLock()
+        self._streams: dict[tuple[str, str], Stream] = {}
+
+    # -- vaults -------------------------------------------------------------------------------
+
+    def create_vault(
+        self,
+        vault_name: str,
+        schema: Schema,
+        *,
+        compression: str | Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        chunk_steps: int | None = None,
+    ) -> tuple[VaultInfo, bool]:
+        """Creates a vault, or returns the existing one when its structure is the same.
+
+        Args:
+            vault_name: the vault's name (letters, digits, `.`, `_`, `-`).
+            schema: the experience structure.
+            compression: see `resolve_compression`.
+            metadata: user metadata, JSON-serialisable (other values are stored as `str`).
+            chunk_steps: time steps per stored chunk; default `default_chunk_steps(schema)`.
+
+        Returns:
+            The vault and whether it was created now.
+
+        Raises:
+            AlreadyExistsError: a vault of that name has another structure.
+            InvalidNameError, InvalidArgumentError: bad name, compression or chunk size.
+        """
+        files.check_name("vault_name", vault_name)
+        compressor = resolve_compression(compression)
+        steps = default_chunk_steps(schema) if chunk_steps is None else int(chunk_steps)
+        if not 1 <= steps <= 1 << 24:
+            raise InvalidArgumentError(f"chunk_steps must be in [1, 2**24], got {chunk_steps}")
+        with self._lock:
+            try:
+                existing = self.get_vault(vault_name)
+            except NotFoundError:
+                existing = None
+            if existing is not None:
+                mismatch = existing.schema.describe_mismatch(schema)
+                if mismatch:
+                    raise AlreadyExistsError(
+                        f"vault {vault_name!r} exists with another experience structure "
+                        f"({mismatch}); use another vault_name"
+                    )
+                return existing, False
+            shape, dtype = schema.to_metadata()
+            document = {
+                "format": 1,
+                "structure_shape": shape,
+                "structure_dtype": dtype,
+                "compression": compressor,
+                "chunk_steps": steps,
+                "metadata": _jsonable(metadata),
+            }
+            vault_dir = self.root / vault_name
+            try:
+                vault_dir.mkdir(exist_ok=True)
+                files.write_json(vault_dir / VAULT_FILE, document)
+                files.fsync_dir(self.root)
+            except OSError as e:
+                raise files.os_error(f"cannot create vault {vault_name!r}", e) from e
+            logger.info("created vault %s", vault_name)
+            return self.get_vault(vault_name), True
+
+    def get_vault(self, vault_name: str, *, with_sizes: bool = True) -> VaultInfo:
+        """Returns a vault's description.
+
+        Raises:
+            NotFoundError: no such vault.
+        """
+        files.check_name("vault_name", vault_name)
+        vault_dir = self.root / vault_name
+        uids = self.list_streams(vault_name)
+        if (vault_dir / VAULT_FILE).exists():
+            doc = files.read_json(vault_dir / VAULT_FILE)
+            schema = Schema.from_metadata(doc["structure_shape"], doc["structure_dtype"])
+            compression, chunk_steps = doc.get("compression"), int(doc["chunk_steps"])
+            user = dict(doc.get("metadata") or {})
+        elif uids:
+            # A vault flashbax wrote: its first stream describes it.
+            meta = files.read_json(vault_dir / uids[0] / METADATA_FILE)
+            schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
+            user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
+            compression, chunk_steps = None, 0
+        else:
+            raise NotFoundError(f"vault {vault_name!r} not found under {self.root}")
+        streams = []
+        for uid in uids:
+            try:
+                stream = self.open_stream(vault_name, uid)
+            except ExpvaultError as e:
+                logger.warning("vault %s: stream %s cannot be opened: %s", vault_name, uid, e)
+                continue
+            size = stream.bytes_on_disk() if with_sizes else 0
+            streams.append(StreamInfo(uid, stream.length, size))
+        return VaultInfo(vault_name, schema, user, compression, chunk_steps, tuple(streams))
+
+    def list_vaults(self) -> list[str]:
+        """Returns the names of the vaults under the root, sorted."""
+        names = []
+        for entry in sorted(os.listdir(self.root)):
+            path = self.root / entry
+            if entry.startswith(".") or not path.is_dir():
+                continue
+            with contextlib.suppress(InvalidNameError):
+                files.check_name("vault_name", entry)
+                if (path / VAULT_FILE).exists() or self.list_streams(entry):
+                    names.append(entry)
+        return names
+
+    def list_streams(self, vault_name: str) -> list[str]:
+        """Returns the uids of a vault's streams, sorted (empty when the vault has none)."""
+        vault_dir = self.root / files.check_name("vault_name", vault_name)
+        try:
+            entries = sorted(os.listdir(vault_dir))
+        except FileNotFoundError:
+            return []
+        return [
+            e for e in entries if not e.startswith(".") and (vault_dir / e / METADATA_FILE).exists()
+        ]
+
+    def delete_vault(self, vault_name: str) -> None:
+        """Deletes a vault and all its streams.
+
+        Raises:
+            NotFoundError: no such vault.
+        """
+        self.get_vault(vault_name, with_sizes=False)
+        with self._lock:
+            for key in [k for k in self._streams if k[0] == vault_name]:
+                self._streams.pop(key).close()
+            # Rename first so a crash never leaves a half-deleted vault that looks valid.
+            doomed = self.root / f".deleted-{vault_name}-{uuid.uuid4().hex}"
+            os.replace(self.root / vault_name, doomed)
+            files.fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+        logger.info("deleted vault %s", vault_name)
+
+    # -- streams ------------------------------------------------------------------------------
+
+    def open_stream(self, vault_name: str, vault_uid: str, *, create: bool = False) -> Stream:
+        """Opens (or with `create`, creates) a stream; the same object for every caller.
+
+        Raises:
+            NotFoundError: no such vault, or no such stream and not `create`.
+            InvalidNameError: a bad name.
+            StorageError: the stream's files are damaged.
+        """
+        files.check_name("vault_name", vault_name)
+        files.check_name("vault_uid", vault_uid)
+        key = (vault_name, vault_uid)
+        with self._lock:
+            if key in self._streams:
+                return self._streams[key]
+            path = self.root / vault_name / vault_uid
+            if not (path / METADATA_FILE).exists():
+                if not create:
+                    raise NotFoundError(f"stream {vault_name}/{vault_uid} not found")
+                self._create_stream(vault_name, vault_uid)
+            stream = self._open(vault_name, vault_uid)
+            self._streams[key] = stream
+            return stream
+
+    def _create_stream(self, vault_name: str, vault_uid: str) -> None:
+        """Creates a stream of an existing vault, atomically (built aside, then renamed)."""
+        vault = self.get_vault(vault_name, with_sizes=False)
+        if not vault.chunk_steps:
+            raise InvalidArgumentError(
+                f"vault {vault_name!r} was written by flashbax and has no expvault settings; "
+                "create new streams in a vault created by expvault"
+            )
+        shape, dtype = vault.schema.to_metadata()
+        metadata = {
+            **vault.metadata,  # flashbax keeps user metadata at the top level
+            "version": FLASHBAX_VERSION,
+            "structure_shape": shape,
+            "structure_dtype": dtype,
+            _EXPVAULT_KEY: {"chunk_steps": vault.chunk_steps, "compression": vault.compression},
+        }
+        final = self.root / vault_name / vault_uid
+        staging = self.root / vault_name / f".creating-{vault_uid}-{uuid.uuid4().hex}"
+        try:
+            staging.mkdir()
+            batch = vault.schema.batch_size
+            for leaf in vault.schema.leaves:
+                ts.open(
+                    _spec(
+                        staging,
+                        leaf.name,
+                        create=True,
+                        metadata={
+                            "compressor": vault.compression,
+                            "chunks": [batch, vault.chunk_steps, *leaf.step_shape],
+                        },
+                    ),
+                    create=True,
+                    dtype=leaf.dtype.name,
+                    shape=(batch, TIME_AXIS_MAX_LENGTH, *leaf.step_shape),
+                    context=self._context,
+                ).result()
+            index = ts.open(
+                _spec(staging, "vault_index", create=True, metadata={"chunks": [1]}),
+                create=True,
+                dtype=ts.int32,
+                shape=(1,),
+                context=self._context,
+            ).result()
+            index.write(0).result()
+            files.write_json(staging / METADATA_FILE, metadata)
+            os.replace(staging, final)
+            files.fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if final.exists():
+                raise StorageError(
+                    f"stream {vault_name}/{vault_uid} was created concurrently"
+                ) from e
+            raise files.os_error(f"cannot create stream {vault_name}/{vault_uid}", e) from e
+        except ValueError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise StorageError(f"cannot create stream {vault_name}/{vault_uid}: {e}") from e
+        logger.info("created stream %s/%s", vault_name, vault_uid)
+
+    def _open(self, vault_name: str, vault_uid: str) -> Stream:
+        path = self.root / vault_name / vault_uid
+        meta = files.read_json(path / METADATA_FILE)
+        try:
+            version = float(meta["version"])
+            schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StorageError(
+                f"metadata.json of {vault_name}/{vault_uid} is malformed: {e}"
+            ) from e
+        if version // 1 != FLASHBAX_VERSION // 1:
+            raise StorageError(
+                f"stream {vault_name}/{vault_uid} has format version {version}; "
+                f"expvault reads version {int(FLASHBAX_VERSION)}.x"
+            )
+        try:
+            arrays = [
+                ts.open(_spec(path, leaf.name), context=self._context).result()
+                for leaf in schema.leaves
+            ]
+            index = ts.open(_spec(path, "vault_index"), context=self._context).result()
+        except ValueError as e:
+            raise StorageError(f"cannot open the arrays of {vault_name}/{vault_uid}: {e}") from e
+        for leaf, array in zip(schema.leaves, arrays, strict=True):
+            expected = (schema.batch_size, *leaf.step_shape)
+            got = (array.shape[0], *array.shape[2:])
+            if got != expected or array.dtype.numpy_dtype != leaf.dtype:
+                raise StorageError(
+                    f"array {leaf.name!r} of {vault_name}/{vault_uid} is {array.dtype} "
+                    f"{array.shape}, metadata.json says {leaf.dtype} {expected}"
+                )
+        flush_steps = max(_time_chunk(a) for a in arrays)
+        user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
+        return Stream(
+            vault_name=vault_name,
+            vault_uid=vault_uid,
+            path=path,
+            schema=schema,
+            metadata=user,
+            arrays=arrays,
+            index=index,
+            flush_steps=flush_steps,
+        )
+
+    def close(self) -> None:
+        """Commits and flushes every open stream and forgets them."""
+        with self._lock:
+            streams = list(self._streams.values())
+            self._streams.clear()
+        for stream in streams:
+            stream.close()
+
+
+def _spec(
+    base: Path, name: str, *, create: bool = False, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The tensorstore spec of array `name` in the OCDBT database of the stream at `base`."""
+    kvstore: dict[str, Any] = {"driver": "ocdbt", "base": f"file://{base}/", "path": name}
+    if create:
+        kvstore["config"] = _OCDBT_CONFIG
+    spec: dict[str, Any] = {"driver": "zarr", "kvstore": kvstore}
+    if metadata is not None:
+        spec["metadata"] = metadata
+    return spec
+
+
+def _time_chunk(array: Any) -> int:
+    """Steps per stored chunk along the time axis of a `(B, T, ...)` array."""
+    shape: Any = array.chunk_layout.read_chunk.shape
+    return int(shape[1] or 1)
+
+
+def _jsonable(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Returns user metadata as JSON: flashbax stores values that JSON cannot as `str`; so do we."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): convert(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, bool | str | int | float | type(None)):
+            return value
+        return str(value)
+
+    out = convert(dict(metadata or {}))
+    reserved = sorted(set(out) & {*_FLASHBAX_KEYS, _EXPVAULT_KEY})
+    if reserved:
+        raise InvalidArgumentError(f"metadata keys {reserved} are reserved; rename them")
+    return dict(out)
+
+
+__all__ = [
+    "COMPRESSION_PRESETS",
+    "Store",
+    "StreamInfo",
+    "VaultInfo",
+    "default_chunk_steps",
+    "resolve_compression",
+]

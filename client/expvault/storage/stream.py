@@ -1,0 +1,431 @@
+"""One stream: a writer's append-only time axis, durable on ack, each time chunk written once.
+
+A stream's data lives in two places:
+- the zarr arrays (flashbax's format) hold steps `[0, materialized)`, where `materialized` is the
+  stored `vault_index`; they are only ever written in whole time chunks, in one OCDBT transaction
+  with `vault_index`, so a chunk is written once and a crash leaves them consistent;
+- the write-ahead log holds steps `[materialized, length)`: one file per group commit, fsync'd
+  before the append is acknowledged, mirrored in memory for readers.
+
+Appends go through one committer thread per stream, which takes every append waiting at that
+moment and commits them together (group commit): one log write and one fsync for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from expvault.errors import (
+    ExpvaultError,
+    InvalidArgumentError,
+    OffsetGapError,
+    ResourceExhaustedError,
+    StorageError,
+)
+from expvault.schema import Schema
+from expvault.storage import files
+
+logger = logging.getLogger(__name__)
+
+# flashbax stores the committed length as int32.
+MAX_STREAM_STEPS = 2**31 - 1
+
+
+@dataclass
+class _Pending:
+    start: int
+    arrays: list[np.ndarray[Any, Any]]
+    future: Future[int] = field(default_factory=Future)
+
+
+class Stream:
+    """A stream of one vault: append with explicit offsets, read committed data.
+
+    Safe for one writer and many concurrent readers (threads). Readers only ever see committed
+    (durable) steps. Create streams with `Store.open_stream`.
+    """
+
+    def __init__(
+        self,
+        *,
+        vault_name: str,
+        vault_uid: str,
+        path: Path,
+        schema: Schema,
+        metadata: dict[str, Any],
+        arrays: Sequence[ts.TensorStore],
+        index: ts.TensorStore,
+        flush_steps: int,
+    ) -> None:
+        self.vault_name = vault_name
+        self.vault_uid = vault_uid
+        self.path = path
+        self.schema = schema
+        self.metadata = metadata
+        self._arrays = list(arrays)
+        self._index = index
+        self._flush_steps = flush_steps
+        self._lock = threading.Condition()
+        self._pending: deque[_Pending] = deque()
+        self._listeners: list[Callable[[int], None]] = []
+        self._thread: threading.Thread | None = None
+        self._writer_lock: files.WriterLock | None = None
+        self._closed = False
+        self._materialized = int(index.read().result()[0])
+        self._segments: list[files.Segment] = self._recover()
+        self._length = self._segments[-1].stop if self._segments else self._materialized
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> list[files.Segment]:
+        """Loads the log segments that continue the materialized steps, deletes stale ones."""
+        dtypes = [leaf.dtype for leaf in self.schema.leaves]
+        shapes = [(self.schema.batch_size, *leaf.step_shape) for leaf in self.schema.leaves]
+        segments: list[files.Segment] = []
+        end = self._materialized
+        for start, stop, path in sorted(files.segment_files(self.path)):
+            if stop <= end:
+                files.remove_quietly(path)  # already materialized, or a duplicate
+                continue
+            if start > end:
+                # Cannot happen with sequential durable writes; keep the file for inspection.
+                logger.error("stream %s: log segment %s leaves a gap; ignoring it", self.path, path)
+                continue
+            segment = files.read_segment(path, dtypes, shapes)
+            segments.append(segment)
+            end = stop
+        if segments:
+            logger.info(
+                "stream %s/%s: recovered %d steps from the write-ahead log",
+                self.vault_name,
+                self.vault_uid,
+                end - self._materialized,
+            )
+        return segments
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """The committed length: steps `[0, length)` are durable."""
+        with self._lock:
+            return self._length
+
+    @property
+    def materialized(self) -> int:
+        """Steps in the zarr arrays, readable by flashbax (the stored `vault_index`)."""
+        with self._lock:
+            return self._materialized
+
+    def bytes_on_disk(self) -> int:
+        """Bytes this stream occupies on disk (arrays, log, metadata)."""
+        return files.bytes_on_disk(self.path)
+
+    def on_commit(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """Calls `callback(new_length)` after each commit, from the committer thread.
+
+        Returns:
+            A function that unsubscribes.
+        """
+        with self._lock:
+            self._listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._listeners:
+                    self._listeners.remove(callback)
+
+        return unsubscribe
+
+    # -- appends ------------------------------------------------------------------------------
+
+    def submit(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> Future[int]:
+        """Queues an append of steps `[start, start + n)`; it is committed with others waiting.
+
+        A retry of steps already committed is acknowledged without writing; an overlap appends
+        only the new tail; a start past the committed length fails with `OffsetGapError`.
+
+        Args:
+            start: the stream offset of the first step.
+            arrays: one array per schema leaf, in schema order, each `(B, n, ...)`.
+
+        Returns:
+            A future of the committed length once the steps are durable.
+
+        Raises:
+            SchemaMismatchError: the arrays do not match the schema (nothing is queued).
+            InvalidArgumentError: a negative start.
+            StreamBusyError: another process writes this stream.
+        """
+        steps = self.schema.check_arrays(arrays)
+        if start < 0:
+            raise InvalidArgumentError(f"append start offset must be >= 0, got {start}")
+        pending = _Pending(start, [np.asarray(a) for a in arrays])
+        if steps == 0:
+            pending.future.set_result(self.length)
+            return pending.future
+        with self._lock:
+            if self._closed:
+                raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
+            if self._thread is None:
+                self._writer_lock = files.WriterLock(self.path)
+                self._thread = threading.Thread(
+                    target=self._commit_loop,
+                    name=f"expvault-commit-{self.vault_name}/{self.vault_uid}",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._pending.append(pending)
+            self._lock.notify()
+        return pending.future
+
+    def append(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
+        """Appends and waits until durable; see `submit`.
+
+        Returns:
+            The committed length.
+        """
+        return self.submit(start, arrays).result()
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    self._lock.wait()
+                if not self._pending:
+                    return
+                batch = list(self._pending)
+                self._pending.clear()
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Commits a group of appends with one log write; resolves their futures."""
+        end = self._length  # only this thread changes _length
+        accepted: list[files.Segment] = []
+        outcomes: list[tuple[_Pending, ExpvaultError | None]] = []
+        for p in batch:
+            n = int(p.arrays[0].shape[1])
+            if p.start > end:
+                outcomes.append(
+                    (
+                        p,
+                        OffsetGapError(
+                            f"append starts at offset {p.start} but stream {self.vault_name}/"
+                            f"{self.vault_uid} has {end} committed steps: resend from {end}",
+                            expected_offset=end,
+                        ),
+                    )
+                )
+                continue
+            if p.start + n > end:
+                skip = end - p.start
+                accepted.append(files.Segment(end, tuple(a[:, skip:] for a in p.arrays)))
+                end = p.start + n
+            outcomes.append((p, None))
+
+        failure: ExpvaultError | None = None
+        if end > MAX_STREAM_STEPS:
+            failure = ResourceExhaustedError(
+                f"stream would exceed {MAX_STREAM_STEPS} steps (flashbax's int32 vault_index)"
+            )
+        elif accepted:
+            segment = _merge(accepted)
+            try:
+                files.write_segment(self.path, segment)
+            except OSError as e:
+                failure = files.os_error(f"cannot write to {self.path}", e)
+                logger.error("stream %s/%s: %s", self.vault_name, self.vault_uid, failure)
+            else:
+                with self._lock:
+                    self._segments.append(segment)
+                    self._length = end
+                    listeners = list(self._listeners)
+                for listener in listeners:
+                    try:
+                        listener(end)
+                    except Exception:
+                        logger.exception("commit listener failed")
+
+        for p, error in outcomes:
+            if error is not None:
+                p.future.set_exception(error)
+            elif failure is not None:
+                p.future.set_exception(failure)
+            else:
+                p.future.set_result(end)
+
+        if failure is None and end - self._materialized >= self._flush_steps:
+            self._materialize(end - end % self._flush_steps)
+
+    def _materialize(self, stop: int) -> None:
+        """Moves steps `[materialized, stop)` from the log into the zarr arrays, atomically."""
+        start = self._materialized
+        if stop <= start:
+            return
+        with self._lock:
+            segments = list(self._segments)
+        data = _slice(segments, start, stop)
+        try:
+            txn = ts.Transaction()
+            writes = [
+                array.with_transaction(txn)[:, start:stop].write(values)
+                for array, values in zip(self._arrays, data, strict=True)
+            ]
+            writes.append(self._index.with_transaction(txn).write(np.array([stop], np.int32)))
+            for w in writes:
+                w.result()
+            txn.commit_async().result()
+        except Exception as e:
+            # The steps stay in the log, durable; materializing is retried after the next commit.
+            logger.error(
+                "stream %s/%s: cannot materialize steps [%d, %d): %s",
+                self.vault_name,
+                self.vault_uid,
+                start,
+                stop,
+                e,
+            )
+            return
+        with self._lock:
+            self._materialized = stop
+            self._segments = [s for s in self._segments if s.stop > stop]
+        for _, seg_stop, path in list(files.segment_files(self.path)):
+            if seg_stop <= stop:
+                files.remove_quietly(path)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def read(
+        self, start: int, stop: int, leaves: Sequence[str] | None = None
+    ) -> list[np.ndarray[Any, Any]]:
+        """Reads committed steps `[start, stop)`.
+
+        Args:
+            start: first step (stream offset).
+            stop: one past the last step; at most the committed length.
+            leaves: names of the leaves to read (default all), returned in schema order.
+
+        Returns:
+            One array per selected leaf, `(B, stop - start, ...)`.
+
+        Raises:
+            InvalidArgumentError: a negative or reversed range, one past the committed length, or
+                an unknown leaf name.
+        """
+        with self._lock:
+            length, materialized, segments = self._length, self._materialized, list(self._segments)
+        if not 0 <= start <= stop <= length:
+            raise InvalidArgumentError(
+                f"read range [{start}, {stop}) is invalid for stream {self.vault_name}/"
+                f"{self.vault_uid} of {length} committed steps: need 0 <= start <= stop <= {length}"
+            )
+        picked = self._pick(leaves)
+        from_arrays = (start, min(stop, materialized))
+        futures = (
+            [self._arrays[i][:, from_arrays[0] : from_arrays[1]].read() for i in picked]
+            if from_arrays[1] > from_arrays[0]
+            else []
+        )
+        try:
+            head = [f.result() for f in futures]
+        except Exception as e:
+            raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
+        tail = (
+            _slice(segments, max(start, materialized), stop, picked) if stop > materialized else []
+        )
+        if head and tail:
+            return [np.concatenate([h, t], axis=1) for h, t in zip(head, tail, strict=True)]
+        if head:
+            return head
+        if tail:
+            return tail
+        return [
+            np.empty(
+                (self.schema.batch_size, 0, *self.schema.leaves[i].step_shape),
+                self.schema.leaves[i].dtype,
+            )
+            for i in picked
+        ]
+
+    def _pick(self, leaves: Sequence[str] | None) -> list[int]:
+        names = [leaf.name for leaf in self.schema.leaves]
+        if leaves is None:
+            return list(range(len(names)))
+        unknown = sorted(set(leaves) - set(names))
+        if unknown:
+            raise InvalidArgumentError(f"unknown leaves {unknown}; the vault has {names}")
+        wanted = set(leaves)
+        return [i for i, name in enumerate(names) if name in wanted]
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Waits for queued appends, then writes every committed step into the zarr arrays.
+
+        Afterwards flashbax's `Vault` (in any process) reads the whole stream. The partial last
+        time chunk is written now and once more when it fills up, so flush at the end of work
+        rather than after every append.
+        """
+        self._drain()
+        self._materialize(self.length)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending = [p.future for p in self._pending]
+        for f in pending:
+            with contextlib.suppress(ExpvaultError):  # reported to whoever submitted it
+                f.result()
+
+    def close(self) -> None:
+        """Commits queued appends, flushes, and stops the committer (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+        self._drain()
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+            self._materialize(self._length)
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+
+
+def _merge(segments: list[files.Segment]) -> files.Segment:
+    if len(segments) == 1:
+        return segments[0]
+    return files.Segment(
+        segments[0].start,
+        tuple(
+            np.concatenate(parts, axis=1)
+            for parts in zip(*(s.arrays for s in segments), strict=True)
+        ),
+    )
+
+
+def _slice(
+    segments: Sequence[files.Segment], start: int, stop: int, picked: Sequence[int] | None = None
+) -> list[np.ndarray[Any, Any]]:
+    """Returns steps `[start, stop)` of the chosen leaves from contiguous log segments."""
+    indices = range(len(segments[0].arrays)) if picked is None else picked
+    parts: list[list[np.ndarray[Any, Any]]] = [[] for _ in indices]
+    for seg in segments:
+        lo, hi = max(start, seg.start), min(stop, seg.stop)
+        if lo >= hi:
+            continue
+        for out, i in zip(parts, indices, strict=True):
+            out.append(seg.arrays[i][:, lo - seg.start : hi - seg.start])
+    return [p[0] if len(p) == 1 else np.concatenate(p, axis=1) for p in parts]
