@@ -9,6 +9,7 @@ A stream's data lives in two places:
 
 Appends go through one committer thread per stream, which takes every append waiting at that
 moment and commits them together (group commit): one log write and one fsync for all of them.
+A second thread per stream materializes whole chunks, so acks never wait for zarr commits.
 """
 
 from __future__ import annotations
@@ -76,10 +77,13 @@ class Stream:
         self._arrays = list(arrays)
         self._index = index
         self._flush_steps = flush_steps
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        self._has_pending = threading.Condition(self._lock)
+        self._has_chunks = threading.Condition(self._lock)
+        self._materializing = threading.Lock()  # one materialization at a time
         self._pending: deque[_Pending] = deque()
         self._listeners: list[Callable[[int], None]] = []
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._writer_lock: files.WriterLock | None = None
         self._closed = False
         self._materialized = int(index.read().result()[0])
@@ -178,16 +182,20 @@ class Stream:
         with self._lock:
             if self._closed:
                 raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
-            if self._thread is None:
+            if not self._threads:
                 self._writer_lock = files.WriterLock(self.path)
-                self._thread = threading.Thread(
-                    target=self._commit_loop,
-                    name=f"expvault-commit-{self.vault_name}/{self.vault_uid}",
-                    daemon=True,
-                )
-                self._thread.start()
+                name = f"{self.vault_name}/{self.vault_uid}"
+                self._threads = [
+                    threading.Thread(target=loop, name=f"expvault-{what}-{name}", daemon=True)
+                    for loop, what in (
+                        (self._commit_loop, "commit"),
+                        (self._materialize_loop, "materialize"),
+                    )
+                ]
+                for thread in self._threads:
+                    thread.start()
             self._pending.append(pending)
-            self._lock.notify()
+            self._has_pending.notify()
         return pending.future
 
     def append(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
@@ -202,7 +210,7 @@ class Stream:
         while True:
             with self._lock:
                 while not self._pending and not self._closed:
-                    self._lock.wait()
+                    self._has_pending.wait()
                 if not self._pending:
                     return
                 batch = list(self._pending)
@@ -266,13 +274,34 @@ class Stream:
                 p.future.set_result(end)
 
         if failure is None and end - self._materialized >= self._flush_steps:
-            self._materialize(end - end % self._flush_steps)
+            with self._lock:
+                self._has_chunks.notify()
 
-    def _materialize(self, stop: int) -> None:
-        """Moves steps `[materialized, stop)` from the log into the zarr arrays, atomically."""
+    def _materialize_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and self._length - self._materialized < self._flush_steps:
+                    self._has_chunks.wait()
+                if self._closed:
+                    return
+                stop = self._length - self._length % self._flush_steps
+            if not self._materialize(stop):
+                with self._lock:
+                    self._has_chunks.wait(timeout=1.0)  # the storage failed: retry later
+
+    def _materialize(self, stop: int) -> bool:
+        """Moves steps `[materialized, stop)` from the log into the zarr arrays, atomically.
+
+        Returns:
+            False when the storage failed (the steps stay in the log, durable).
+        """
+        with self._materializing:
+            return self._materialize_locked(stop)
+
+    def _materialize_locked(self, stop: int) -> bool:
         start = self._materialized
         if stop <= start:
-            return
+            return True
         with self._lock:
             segments = list(self._segments)
         data = _slice(segments, start, stop)
@@ -287,7 +316,6 @@ class Stream:
                 w.result()
             txn.commit_async().result()
         except Exception as e:
-            # The steps stay in the log, durable; materializing is retried after the next commit.
             logger.error(
                 "stream %s/%s: cannot materialize steps [%d, %d): %s",
                 self.vault_name,
@@ -296,13 +324,14 @@ class Stream:
                 stop,
                 e,
             )
-            return
+            return False
         with self._lock:
             self._materialized = stop
             self._segments = [s for s in self._segments if s.stop > stop]
         for _, seg_stop, path in list(files.segment_files(self.path)):
             if seg_stop <= stop:
                 files.remove_quietly(path)
+        return True
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -395,10 +424,12 @@ class Stream:
         self._drain()
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
-            thread = self._thread
-        if thread is not None:
+            self._has_pending.notify_all()
+            self._has_chunks.notify_all()
+            threads = self._threads
+        for thread in threads:
             thread.join()
+        if threads:
             self._materialize(self._length)
         if self._writer_lock is not None:
             self._writer_lock.release()
