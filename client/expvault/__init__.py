@@ -18,6 +18,7 @@ from expvault.errors import (
     UnavailableError,
 )
 from expvault.local import Vault
+from expvault.remote import RemoteVault, VaultReader
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "NotFoundError",
     "OffsetGapError",
     "PermissionDeniedError",
+    "RemoteVault",
     "ResourceExhaustedError",
     "SchemaMismatchError",
     "StorageError",
@@ -37,6 +39,7 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "Vault",
+    "VaultReader",
     "__version__",
     "counted",
 ]

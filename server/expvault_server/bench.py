@@ -126,7 +126,7 @@ def _write_run(
     write_s = 0.0
     for delta in deltas:
         state = add(state, delta)
-        jax.block_until_ready(state)
+        jax.block_until_ready(state)  # type: ignore[no-untyped-call]
         t0 = time.perf_counter()
         vault.write(state)
         write_s += time.perf_counter() - t0
@@ -138,7 +138,7 @@ def _write_run(
     reader = make_vault(None, root)
     t0 = time.perf_counter()
     read = reader.read()
-    jax.block_until_ready(read.experience)
+    jax.block_until_ready(read.experience)  # type: ignore[no-untyped-call]
     read_s = time.perf_counter() - t0
     read_steps = int(jax.tree_util.tree_leaves(read.experience)[0].shape[1])
     if read_steps != steps:

@@ -371,7 +371,9 @@ class Stream:
         except Exception as e:
             raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
         tail = (
-            _slice(segments, max(start, materialized), stop, picked) if stop > materialized else []
+            _slice(segments, max(start, materialized), stop, picked)
+            if stop > max(start, materialized)
+            else []
         )
         if head and tail:
             return [np.concatenate([h, t], axis=1) for h, t in zip(head, tail, strict=True)]

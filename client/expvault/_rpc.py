@@ -1,0 +1,117 @@
+"""What every gRPC client of expvault shares: channel options, error mapping, retry policy."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from expvault.errors import ExpvaultError, error_class_for
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "ERROR_DOMAIN",
+    "Backoff",
+    "channel_options",
+    "error_from_rpc",
+    "is_retryable",
+]
+
+ERROR_DOMAIN = "expvault"
+# gRPC's 4 MiB default is too small for leaf payloads; the server raises its limit to match.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+
+# A broken connection surfaces as UNAVAILABLE, or as UNKNOWN/INTERNAL without an ErrorInfo
+# ("Stream removed", RST_STREAM); statuses our server sends with a reason are not retried.
+_TRANSPORT_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options of a channel that sends and receives messages up to `max_message_bytes`."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Let a dead peer be noticed on an idle stream (a follower waiting for new steps).
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a follower's idle stream
+    ]
+
+
+def _error_info(error: grpc.RpcError) -> tuple[str, Mapping[str, str]]:
+    """Returns the `ErrorInfo` reason and metadata of a failed call ("" and {} when absent)."""
+    if not isinstance(error, grpc.Call):
+        return "", {}
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # the trailer does not match the status: ignore it
+        return "", {}
+    if status is None:
+        return "", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == ERROR_DOMAIN:
+                return info.reason, dict(info.metadata)
+    return "", {}
+
+
+def error_from_rpc(error: grpc.RpcError) -> ExpvaultError:
+    """Maps a failed call to the expvault exception the server raised (raise it `from error`).
+
+    The class is chosen by the `ErrorInfo` reason, then by the status code; the server's message
+    is kept as it is. Message text is never interpreted.
+    """
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or str(error)
+    reason, metadata = _error_info(error)
+    cls = error_class_for(reason, code)
+    result = cls.from_status(details, metadata)
+    result.metadata.update(metadata)
+    return result
+
+
+def is_retryable(error: grpc.RpcError) -> bool:
+    """Whether a failed call may succeed when retried (server unreachable or restarting)."""
+    if not isinstance(error, grpc.Call):
+        return False
+    code = error.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code in _TRANSPORT_CODES and not _error_info(error)[0]
+
+
+class Backoff:
+    """Exponential backoff with jitter, bounded by a total deadline.
+
+    Args:
+        timeout_s: give up once this many seconds passed since the last `reset`.
+        initial_s: first delay.
+        max_s: largest delay.
+    """
+
+    def __init__(self, timeout_s: float, initial_s: float = 0.05, max_s: float = 2.0) -> None:
+        self.timeout_s = timeout_s
+        self._initial_s = initial_s
+        self._max_s = max_s
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts a new retry period (after a success)."""
+        self._delay_s = self._initial_s
+        self._deadline = time.monotonic() + self.timeout_s
+
+    def next_delay(self) -> float | None:
+        """Returns how long to sleep before the next try, or None when the deadline passed."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        delay = min(self._delay_s * random.uniform(0.5, 1.0), remaining)
+        self._delay_s = min(self._max_s, self._delay_s * 2)
+        return delay

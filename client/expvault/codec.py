@@ -1,0 +1,232 @@
+"""Schemas and arrays <-> the wire: `Structure` messages and raw little-endian leaf bytes.
+
+A message of `n` steps carries one `bytes` per leaf, each the C-order, little-endian bytes of a
+`(B, n, *step_shape)` array, in the order of the leaves of the `Structure` the server sent for the
+call. Protobuf stops at this module and at `remote.py` / `service.py`: the rest of expvault sees
+`Schema` and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from expvault.errors import InvalidArgumentError, SchemaMismatchError
+from expvault.schema import LeafSpec, Schema
+from expvault.v1 import vault_pb2
+
+__all__ = [
+    "DEFAULT_MESSAGE_BYTES",
+    "decode_arrays",
+    "encode_arrays",
+    "from_json",
+    "leaf_indices",
+    "schema_from_proto",
+    "schema_to_proto",
+    "split_steps",
+    "steps_per_message",
+    "to_json",
+]
+
+# Measured on loopback: 256 KiB-1 MiB messages move 700-800 MB/s through protobuf bytes.
+DEFAULT_MESSAGE_BYTES = 1 << 20
+
+
+def schema_to_proto(schema: Schema) -> vault_pb2.Structure:
+    """Returns the `Structure` message of a schema, leaves in the schema's order."""
+    leaves = [
+        vault_pb2.Leaf(
+            name=leaf.name,
+            dtype=jax.numpy.dtype(leaf.dtype).name,
+            step_shape=list(leaf.step_shape),
+            key_path=list(key),
+        )
+        for leaf, key in zip(schema.leaves, schema.keys, strict=True)
+    ]
+    return vault_pb2.Structure(
+        batch_size=schema.batch_size, buffer_length=schema.buffer_length, leaves=leaves
+    )
+
+
+def schema_from_proto(structure: vault_pb2.Structure, target: Any = None) -> Schema:
+    """Builds a schema from a `Structure` message.
+
+    Args:
+        structure: the message.
+        target: optional experience pytree giving the result its pytree structure and leaf
+            order (leaves matched by name); without it the structure is a nested dict.
+
+    Returns:
+        The schema.
+
+    Raises:
+        InvalidArgumentError: the message is malformed (no leaves, bad dtype, negative sizes,
+            a key path that does not give the leaf's name).
+        SchemaMismatchError: `target`'s leaves differ from the message's.
+    """
+    if not structure.leaves:
+        raise InvalidArgumentError("structure has no leaves; describe at least one leaf")
+    if structure.batch_size < 1 or structure.buffer_length < 0:
+        raise InvalidArgumentError(
+            f"structure needs batch_size >= 1 and buffer_length >= 0, got "
+            f"{structure.batch_size} and {structure.buffer_length}"
+        )
+    shapes: dict[str, Any] = {}
+    dtypes: dict[str, Any] = {}
+    for leaf in structure.leaves:
+        key_path = tuple(leaf.key_path)
+        if not key_path:
+            raise InvalidArgumentError(f"leaf {leaf.name!r} has an empty key_path")
+        expected_name = "".join(k + "." for k in key_path)
+        if leaf.name != expected_name:
+            raise InvalidArgumentError(
+                f"leaf name {leaf.name!r} does not match its key_path {list(key_path)} "
+                f"(expected {expected_name!r})"
+            )
+        if any(d < 0 for d in leaf.step_shape):
+            raise InvalidArgumentError(f"leaf {leaf.name!r} has a negative dimension")
+        full = (structure.batch_size, structure.buffer_length, *leaf.step_shape)
+        _insert(shapes, key_path, str(tuple(int(d) for d in full)), leaf.name)
+        _insert(dtypes, key_path, leaf.dtype, leaf.name)
+    return Schema.from_metadata(shapes, dtypes, target)
+
+
+def _insert(tree: dict[str, Any], key: tuple[str, ...], value: Any, name: str) -> None:
+    for k in key[:-1]:
+        child = tree.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise InvalidArgumentError(f"leaf {name!r} is nested under another leaf")
+        tree = child
+    if key[-1] in tree:
+        raise InvalidArgumentError(f"leaf {name!r} appears twice or contains another leaf")
+    tree[key[-1]] = value
+
+
+def leaf_indices(schema: Schema, names: Sequence[str]) -> list[int]:
+    """Returns the schema positions of leaves named `names`, in schema order.
+
+    Args:
+        schema: the schema.
+        names: leaf names (`"obs."`); empty selects every leaf.
+
+    Raises:
+        InvalidArgumentError: an unknown name (the message lists the vault's leaves).
+    """
+    all_names = [leaf.name for leaf in schema.leaves]
+    if not names:
+        return list(range(len(all_names)))
+    unknown = sorted(set(names) - set(all_names))
+    if unknown:
+        raise InvalidArgumentError(f"unknown leaves {unknown}; the vault has {all_names}")
+    wanted = set(names)
+    return [i for i, name in enumerate(all_names) if name in wanted]
+
+
+def _wire_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+
+
+def encode_arrays(arrays: Sequence[np.ndarray[Any, Any]]) -> list[bytes]:
+    """Returns each array's raw little-endian, C-order bytes (one copy per array)."""
+    out = []
+    for array in arrays:
+        wire = _wire_dtype(array.dtype)
+        out.append((array if wire == array.dtype else array.astype(wire)).tobytes(order="C"))
+    return out
+
+
+def decode_arrays(
+    leaves: Sequence[LeafSpec],
+    batch_size: int,
+    num_steps: int,
+    blobs: Sequence[bytes],
+) -> list[np.ndarray[Any, Any]]:
+    """Turns wire bytes into arrays `(batch_size, num_steps, *step_shape)`, without copying.
+
+    Args:
+        leaves: the specs of the leaves the message carries, in wire order.
+        batch_size: `B`.
+        num_steps: the message's number of steps.
+        blobs: one `bytes` per leaf; read a protobuf `repeated bytes` field once (`list(...)`),
+            since every access copies.
+
+    Returns:
+        Read-only arrays viewing `blobs`.
+
+    Raises:
+        SchemaMismatchError: a wrong number of leaves, or a leaf whose byte length is not what
+            its dtype, step shape, `B` and `num_steps` imply (the message names the leaf).
+    """
+    if len(blobs) != len(leaves):
+        raise SchemaMismatchError(
+            f"message carries {len(blobs)} leaves, expected {len(leaves)} "
+            f"({[leaf.name for leaf in leaves]})"
+        )
+    if num_steps < 0:
+        raise InvalidArgumentError(f"num_steps must be >= 0, got {num_steps}")
+    arrays = []
+    for leaf, blob in zip(leaves, blobs, strict=True):
+        expected = batch_size * num_steps * leaf.step_bytes
+        if len(blob) != expected:
+            raise SchemaMismatchError(
+                f"leaf {leaf.name!r} carries {len(blob)} bytes, expected {expected} "
+                f"({batch_size} x {num_steps} steps of {leaf.dtype} {leaf.step_shape}); "
+                "check its dtype and shape against the vault's structure"
+            )
+        array = np.frombuffer(blob, dtype=_wire_dtype(leaf.dtype))
+        arrays.append(array.reshape(batch_size, num_steps, *leaf.step_shape))
+    return arrays
+
+
+def steps_per_message(step_bytes: int, message_bytes: int = DEFAULT_MESSAGE_BYTES) -> int:
+    """Steps of `step_bytes` each (all leaves and rows) that fit a message of `message_bytes`.
+
+    At least one step, even when one step is larger than `message_bytes`.
+    """
+    return max(1, message_bytes // max(1, step_bytes))
+
+
+def split_steps(
+    start: int,
+    arrays: Sequence[np.ndarray[Any, Any]],
+    message_bytes: int = DEFAULT_MESSAGE_BYTES,
+) -> Iterator[tuple[int, int, list[bytes]]]:
+    """Splits a delta along time into messages of about `message_bytes`.
+
+    Args:
+        start: stream offset of the delta's first step.
+        arrays: one array per leaf, in wire order, each `(B, n, ...)`.
+        message_bytes: target payload per message.
+
+    Yields:
+        `(start, num_steps, leaf bytes)` per message, in time order.
+    """
+    total = int(arrays[0].shape[1]) if arrays else 0
+    step_bytes = sum(int(a.nbytes) // max(1, total) for a in arrays) if total else 0
+    per_message = steps_per_message(step_bytes, message_bytes)
+    for lo in range(0, total, per_message):
+        hi = min(total, lo + per_message)
+        yield start + lo, hi - lo, encode_arrays([a[:, lo:hi] for a in arrays])
+
+
+def to_json(value: Mapping[str, Any] | str | None) -> str:
+    """Serialises user metadata or a compression setting for the wire ("" for None)."""
+    return "" if value is None else json.dumps(value, default=str)
+
+
+def from_json(text: str, what: str) -> Any:
+    """Parses a JSON field of a message ("" is None).
+
+    Raises:
+        InvalidArgumentError: the text is not JSON (the message names the field `what`).
+    """
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise InvalidArgumentError(f"{what} is not valid JSON: {e}") from e

@@ -1,0 +1,1 @@
+"""Generated code of the expvault wire contract (proto/expvault/v1); never edit."""

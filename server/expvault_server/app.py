@@ -1,0 +1,137 @@
+"""The server's lifecycle: VaultService, health and reflection on one grpc.aio server; signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from expvault.errors import UnavailableError
+from expvault.storage import Store
+from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault_server.config import ServerConfig, parse_listen
+from expvault_server.service import VaultServicer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SERVICE_NAME", "VaultServer", "serve"]
+
+SERVICE_NAME = vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+
+
+class VaultServer:
+    """One vault server: `start`, then `stop` (graceful) or `wait`.
+
+    Args:
+        config: the settings.
+        store: the storage engine to serve; default `Store(config.root)`, opened on `start` and
+            closed (flushed) on `stop`. A store passed in is left open.
+    """
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self._store = store
+        self._owns_store = store is None
+        self._server: grpc.aio.Server | None = None
+        self._servicer: VaultServicer | None = None
+        self._health = health_aio.HealthServicer()
+        self._stopped = asyncio.Event()
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """`HOST:PORT` the server listens on (the real port once started)."""
+        host, _ = parse_listen(self.config.listen)
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Opens the store, binds, and starts serving.
+
+        Returns:
+            The bound port (useful with `--listen HOST:0`).
+
+        Raises:
+            UnavailableError: the address cannot be bound.
+        """
+        if self._store is None:
+            self._store = await asyncio.to_thread(Store, self.config.root)
+        limit = self.config.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                # Accept the clients' keepalive pings on idle streams (followers).
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        self._servicer = VaultServicer(self._store, self.config)
+        vault_pb2_grpc.add_VaultServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(self.config.listen)
+        except RuntimeError as e:
+            raise UnavailableError(f"cannot listen on {self.config.listen}: {e}") from e
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("expvault serving on %s root=%s", self.address, self._store.root)
+        return self.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops gracefully: refuse new calls, acknowledge what was read, flush, close.
+
+        Args:
+            grace_s: how long running calls may take; default `config.shutdown_grace_s`.
+        """
+        if self._server is None or self._stopped.is_set():
+            return
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        logger.info("expvault shutting down (grace %.1f s)", grace)
+        await self._health.enter_graceful_shutdown()
+        if self._servicer is not None:
+            self._servicer.begin_shutdown()
+        await self._server.stop(grace)
+        if self._owns_store and self._store is not None:
+            await asyncio.to_thread(self._store.close)
+        self._stopped.set()
+        logger.info("expvault stopped")
+
+    async def wait(self) -> None:
+        """Waits until `stop` completed."""
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs a server until SIGTERM or SIGINT, then stops it gracefully.
+
+    Args:
+        config: the settings.
+    """
+    server = VaultServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("expvault received a stop signal")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()

@@ -1,0 +1,279 @@
+"""The `expvault` command: `serve`, `ls`, `info`, `health` (and `demo`, `bench` as they land).
+
+Every flag defaults to its `EXPVAULT_*` environment variable (`--root` / `EXPVAULT_ROOT`), so
+containers configure the server with variables. This is the only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from expvault._rpc import channel_options, error_from_rpc
+from expvault.errors import ExpvaultError
+from expvault.v1 import vault_pb2, vault_pb2_grpc
+
+__all__ = ["COMMANDS", "COMMAND_MODULES", "Command", "add_target_arguments", "env_default", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of `expvault`.
+
+    Attributes:
+        help: one line for `expvault --help`.
+        configure: adds the subcommand's arguments to its parser.
+        run: runs it; returns the exit status.
+    """
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def env_default(name: str, default: str) -> str:
+    """The value of `EXPVAULT_<name>`, or `default` when unset or empty."""
+    return os.environ.get(f"EXPVAULT_{name}") or default
+
+
+def _flag(
+    parser: argparse.ArgumentParser, flag: str, default: str, help_text: str, **kw: Any
+) -> None:
+    env = "EXPVAULT_" + flag.lstrip("-").replace("-", "_").upper()
+    parser.add_argument(
+        flag,
+        default=env_default(env.removeprefix("EXPVAULT_"), default),
+        help=f"{help_text} (env {env}; default {default})",
+        **kw,
+    )
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `--target` and `--timeout-s`, for subcommands that talk to a server."""
+    _flag(parser, "--target", DEFAULT_TARGET, "server address HOST:PORT")
+    _flag(parser, "--timeout-s", "10", "deadline of each call in seconds", type=float)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    _flag(parser, "--root", "./vaults", "directory holding the vaults")
+    _flag(parser, "--listen", "127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free one")
+    _flag(parser, "--max-message-bytes", str(64 << 20), "largest gRPC message", type=int)
+    _flag(parser, "--message-bytes", str(1 << 20), "payload of sent data messages", type=int)
+    _flag(
+        parser,
+        "--max-inflight-bytes-per-stream",
+        str(64 << 20),
+        "bytes one writer may have received but not committed before the server stops reading",
+        type=int,
+    )
+    _flag(
+        parser,
+        "--max-inflight-bytes",
+        str(512 << 20),
+        "bytes all writers together may have in flight",
+        type=int,
+    )
+    _flag(
+        parser,
+        "--shutdown-grace-s",
+        "30",
+        "on SIGTERM/SIGINT, seconds in-flight calls may take",
+        type=float,
+    )
+    _flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from expvault_server.app import serve
+    from expvault_server.config import ServerConfig
+
+    try:
+        config = ServerConfig(
+            root=args.root,
+            listen=args.listen,
+            max_message_bytes=args.max_message_bytes,
+            message_bytes=args.message_bytes,
+            max_inflight_bytes_per_stream=args.max_inflight_bytes_per_stream,
+            max_inflight_bytes=args.max_inflight_bytes,
+            shutdown_grace_s=args.shutdown_grace_s,
+            log_level=args.log_level,
+        )
+    except ExpvaultError as e:
+        print(f"expvault serve: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(config.log_level)
+    config.log(logger)
+    try:
+        asyncio.run(serve(config))
+    except ExpvaultError as e:
+        logger.error("expvault serve failed: %s", e)
+        return 1
+    return 0
+
+
+# -- client commands --------------------------------------------------------------------------
+
+
+def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, vault_pb2_grpc.VaultServiceStub]:
+    channel = grpc.insecure_channel(args.target, options=channel_options())
+    return channel, vault_pb2_grpc.VaultServiceStub(channel)
+
+
+def _configure_ls(parser: argparse.ArgumentParser) -> None:
+    add_target_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        names = list(
+            stub.ListVaults(vault_pb2.ListVaultsRequest(), timeout=args.timeout_s).vault_names
+        )
+    print(json.dumps(names) if args.json else "\n".join(names))
+    return 0
+
+
+def _configure_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("vault_name", metavar="VAULT", help="the vault to describe")
+    add_target_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _info_dict(info: vault_pb2.VaultInfo) -> dict[str, Any]:
+    return {
+        "vault_name": info.vault_name,
+        "batch_size": info.structure.batch_size,
+        "buffer_length": info.structure.buffer_length,
+        "leaves": [
+            {"name": leaf.name, "dtype": leaf.dtype, "step_shape": list(leaf.step_shape)}
+            for leaf in info.structure.leaves
+        ],
+        "metadata": json.loads(info.metadata_json or "{}"),
+        "compression": json.loads(info.compression_json or "null"),
+        "chunk_steps": info.chunk_steps,
+        "streams": [
+            {"vault_uid": s.vault_uid, "length": s.length, "bytes_on_disk": s.bytes_on_disk}
+            for s in info.streams
+        ],
+    }
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        response = stub.GetVault(
+            vault_pb2.GetVaultRequest(vault_name=args.vault_name), timeout=args.timeout_s
+        )
+    info = _info_dict(response.vault)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"vault {info['vault_name']}")
+    print(f"  batch size B={info['batch_size']}  buffer length T={info['buffer_length']}")
+    print(f"  compression {json.dumps(info['compression'])}  chunk steps {info['chunk_steps']}")
+    if info["metadata"]:
+        print(f"  metadata {json.dumps(info['metadata'])}")
+    print("  leaves (B, T, ...):")
+    for leaf in info["leaves"]:
+        print(f"    {leaf['name']:<24} {leaf['dtype']:<10} {tuple(leaf['step_shape'])}")
+    total_steps = sum(s["length"] for s in info["streams"])
+    total_bytes = sum(s["bytes_on_disk"] for s in info["streams"])
+    print(f"  streams: {len(info['streams'])}, {total_steps} steps, {total_bytes} bytes on disk")
+    for s in info["streams"]:
+        print(f"    {s['vault_uid']:<32} {s['length']:>12} steps {s['bytes_on_disk']:>14} bytes")
+    return 0
+
+
+def _configure_health(parser: argparse.ArgumentParser) -> None:
+    add_target_arguments(parser)
+    parser.add_argument("--service", default="", help="service to check; default the whole server")
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    channel = grpc.insecure_channel(args.target)
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("run the vault server", _configure_serve, _run_serve),
+    "ls": Command("list the vaults of a server", _configure_ls, _run_ls),
+    "info": Command(
+        "describe a vault: structure, streams, lengths, bytes on disk", _configure_info, _run_info
+    ),
+    "health": Command(
+        "exit 0 when the server is serving (a container health check)",
+        _configure_health,
+        _run_health,
+    ),
+}
+# Subcommands in their own modules, each exposing `COMMAND: Command` (e.g. "demo", "bench").
+COMMAND_MODULES: dict[str, str] = {"demo": "expvault_server.demo"}
+
+
+def _commands() -> dict[str, Command]:
+    commands = dict(COMMANDS)
+    for name, module in COMMAND_MODULES.items():
+        commands[name] = importlib.import_module(module).COMMAND
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `expvault` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="expvault",
+        description="expvault: a networked vault for JAX/flashbax replay experience. Every flag "
+        "also reads an EXPVAULT_* environment variable.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in _commands().items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `expvault` with `argv` (default `sys.argv[1:]`); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=_LOG_FORMAT, stream=sys.stderr)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except grpc.RpcError as rpc_error:
+        error = error_from_rpc(rpc_error)
+        print(f"expvault {args.command}: {error.code.name}: {error.message}", file=sys.stderr)
+        return 1
+    except ExpvaultError as error:
+        print(f"expvault {args.command}: {error.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`ServerConfig`: every setting of the vault server, checked in one place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from expvault.errors import InvalidArgumentError
+
+__all__ = ["ServerConfig", "parse_listen"]
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Splits `HOST:PORT` (IPv6 hosts in brackets: `[::1]:50051`).
+
+    Raises:
+        InvalidArgumentError: no port, or a port outside [0, 65535].
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise InvalidArgumentError(
+            f"listen address {listen!r} must be HOST:PORT, e.g. 0.0.0.0:50051"
+        )
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"listen port {port} must be in [0, 65535] (0: pick a free one)")
+    return host, port
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of `expvault serve`; each has a flag and an `EXPVAULT_*` environment variable.
+
+    Attributes:
+        root: directory holding the vaults (`--root`, `EXPVAULT_ROOT`).
+        listen: `HOST:PORT` to bind; port 0 picks a free port (`--listen`, `EXPVAULT_LISTEN`).
+        max_message_bytes: largest gRPC message accepted or sent, raised on purpose from
+            gRPC's 4 MiB default.
+        message_bytes: target payload of the messages the server sends (reads, samples).
+        max_inflight_bytes_per_stream: bytes one Append call may have received but not yet
+            committed before the server stops reading from it.
+        max_inflight_bytes: the same bound over all Append calls of the server.
+        shutdown_grace_s: on SIGTERM/SIGINT, how long in-flight work may take to finish.
+        log_level: `DEBUG`, `INFO`, `WARNING`, `ERROR`.
+    """
+
+    root: Path = Path("vaults")
+    listen: str = "127.0.0.1:50051"
+    max_message_bytes: int = 64 << 20
+    message_bytes: int = 1 << 20
+    max_inflight_bytes_per_stream: int = 64 << 20
+    max_inflight_bytes: int = 512 << 20
+    shutdown_grace_s: float = 30.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "log_level", str(self.log_level).upper())
+        parse_listen(self.listen)
+        for name in (
+            "max_message_bytes",
+            "message_bytes",
+            "max_inflight_bytes_per_stream",
+            "max_inflight_bytes",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.message_bytes > self.max_message_bytes // 2:
+            raise InvalidArgumentError(
+                f"message_bytes ({self.message_bytes}) must be at most half of max_message_bytes "
+                f"({self.max_message_bytes}) to leave room for framing"
+            )
+        if self.max_inflight_bytes < self.max_inflight_bytes_per_stream:
+            raise InvalidArgumentError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be >= "
+                f"max_inflight_bytes_per_stream ({self.max_inflight_bytes_per_stream})"
+            )
+        if self.shutdown_grace_s < 0:
+            raise InvalidArgumentError(
+                f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}"
+            )
+        if self.log_level not in _LOG_LEVELS:
+            raise InvalidArgumentError(
+                f"log_level must be one of {_LOG_LEVELS}, got {self.log_level}"
+            )
+
+    def log(self, logger: logging.Logger) -> None:
+        """Logs every setting once, at INFO."""
+        logger.info("config %s", " ".join(f"{key}={value}" for key, value in asdict(self).items()))

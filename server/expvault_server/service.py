@@ -1,0 +1,692 @@
+"""The VaultService servicer: wire <-> storage, errors -> statuses, nothing more.
+
+Storage calls block (tensorstore, fsync), so they run in worker threads (`asyncio.to_thread`);
+appends go through `Stream.submit`, whose group commit resolves a future once durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Final
+
+import grpc
+import numpy as np
+
+from expvault import codec
+from expvault.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    StorageError,
+    StreamBusyError,
+    UnavailableError,
+)
+from expvault.schema import Schema
+from expvault.storage import Store, Stream, VaultInfo
+from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault_server._flow import ByteBudget, CommitWatch, WriterLeases, bridge
+from expvault_server._status import rpc_errors
+from expvault_server.config import ServerConfig
+
+if sys.version_info >= (3, 12):
+    from typing import override
+else:
+    from typing_extensions import override
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VaultServicer", "vault_info_to_proto"]
+
+# Bytes a chunk is charged beyond its payload, so that floods of tiny chunks are bounded too.
+_CHUNK_OVERHEAD_BYTES: Final = 1024
+# Messages' worth of steps read from storage per worker-thread call.
+_MESSAGES_PER_READ: Final = 8
+# Messages buffered between stream followers and a follow-all call.
+_FOLLOW_QUEUE: Final = 8
+
+ServicerContext = grpc.aio.ServicerContext
+
+
+def vault_info_to_proto(info: VaultInfo) -> vault_pb2.VaultInfo:
+    """The `VaultInfo` message of a vault description."""
+    return vault_pb2.VaultInfo(
+        vault_name=info.vault_name,
+        structure=codec.schema_to_proto(info.schema),
+        metadata_json=json.dumps(info.metadata, sort_keys=True, default=str),
+        compression_json=json.dumps(info.compression, sort_keys=True),
+        chunk_steps=info.chunk_steps,
+        streams=[
+            vault_pb2.StreamInfo(
+                vault_uid=s.vault_uid, length=s.length, bytes_on_disk=s.bytes_on_disk
+            )
+            for s in info.streams
+        ],
+    )
+
+
+class _End:
+    """Marks the end of the chunks of an Append call (the client half-closed)."""
+
+
+class _Stopped:
+    """Marks that the server stopped reading chunks (shutdown)."""
+
+
+_AppendItem = tuple[asyncio.Future[int], int] | _End | _Stopped | BaseException
+
+
+class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
+    """Serves the vaults of one `Store`.
+
+    Args:
+        store: the storage engine; the caller closes it after the server stopped.
+        config: limits (message sizes, in-flight bytes).
+    """
+
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self._store = store
+        self._config = config
+        self._budget = ByteBudget(config.max_inflight_bytes)
+        self._leases = WriterLeases()
+        self._closing = False
+        self._chunk_readers: set[asyncio.Task[None]] = set()
+        self._watches: set[CommitWatch] = set()
+        self._new_streams: dict[str, set[asyncio.Event]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Refuses new calls, stops reading chunks, and ends followers (call on the loop).
+
+        Append calls then acknowledge what they read and end with UNAVAILABLE; the server's
+        `stop(grace)` waits for them.
+        """
+        self._closing = True
+        for task in list(self._chunk_readers):
+            task.cancel()
+        for watch in list(self._watches):
+            watch.wake()
+        for events in self._new_streams.values():
+            for event in events:
+                event.set()
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise UnavailableError("the server is shutting down; retry against a running server")
+
+    def _shutdown_error(self, what: str, offset: int) -> UnavailableError:
+        return UnavailableError(
+            f"the server is shutting down; {what} resumes from offset {offset} on reconnect"
+        )
+
+    # -- vaults ---------------------------------------------------------------------------------
+
+    @override
+    async def CreateVault(
+        self,
+        request: vault_pb2.CreateVaultRequest,
+        context: ServicerContext[vault_pb2.CreateVaultRequest, vault_pb2.CreateVaultResponse],
+    ) -> vault_pb2.CreateVaultResponse:
+        async with rpc_errors(context, "CreateVault"):
+            self._check_open()
+            if not request.HasField("structure"):
+                raise InvalidArgumentError("CreateVault needs `structure`")
+            schema = codec.schema_from_proto(request.structure)
+            metadata = codec.from_json(request.metadata_json, "metadata_json")
+            if metadata is not None and not isinstance(metadata, dict):
+                raise InvalidArgumentError('metadata_json must be a JSON object, e.g. {"k": 1}')
+            compression = codec.from_json(request.compression_json, "compression_json")
+            info, created = await asyncio.to_thread(
+                self._store.create_vault,
+                request.vault_name,
+                schema,
+                compression=compression,
+                metadata=metadata,
+            )
+            logger.debug("CreateVault %s created=%s", request.vault_name, created)
+            return vault_pb2.CreateVaultResponse(vault=vault_info_to_proto(info), created=created)
+
+    @override
+    async def GetVault(
+        self,
+        request: vault_pb2.GetVaultRequest,
+        context: ServicerContext[vault_pb2.GetVaultRequest, vault_pb2.GetVaultResponse],
+    ) -> vault_pb2.GetVaultResponse:
+        async with rpc_errors(context, "GetVault"):
+            self._check_open()
+            info = await asyncio.to_thread(self._store.get_vault, request.vault_name)
+            logger.debug("GetVault %s", request.vault_name)
+            return vault_pb2.GetVaultResponse(vault=vault_info_to_proto(info))
+
+    @override
+    async def ListVaults(
+        self,
+        request: vault_pb2.ListVaultsRequest,
+        context: ServicerContext[vault_pb2.ListVaultsRequest, vault_pb2.ListVaultsResponse],
+    ) -> vault_pb2.ListVaultsResponse:
+        async with rpc_errors(context, "ListVaults"):
+            self._check_open()
+            names = await asyncio.to_thread(self._store.list_vaults)
+            logger.debug("ListVaults: %d vaults", len(names))
+            return vault_pb2.ListVaultsResponse(vault_names=names)
+
+    @override
+    async def DeleteVault(
+        self,
+        request: vault_pb2.DeleteVaultRequest,
+        context: ServicerContext[vault_pb2.DeleteVaultRequest, vault_pb2.DeleteVaultResponse],
+    ) -> vault_pb2.DeleteVaultResponse:
+        async with rpc_errors(context, "DeleteVault"):
+            self._check_open()
+            writers = self._leases.writers_of(request.vault_name)
+            if writers:
+                raise StreamBusyError(
+                    f"vault {request.vault_name!r} has writers on streams {writers}; close them "
+                    "before deleting it"
+                )
+            await asyncio.to_thread(self._store.delete_vault, request.vault_name)
+            return vault_pb2.DeleteVaultResponse()
+
+    # -- appends --------------------------------------------------------------------------------
+
+    @override
+    async def Append(
+        self,
+        request_iterator: AsyncIterator[vault_pb2.AppendRequest],
+        context: ServicerContext[vault_pb2.AppendRequest, vault_pb2.AppendResponse],
+    ) -> AsyncIterator[vault_pb2.AppendResponse]:
+        async with rpc_errors(context, "Append") as scope:
+            self._check_open()
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("kind") != "open":
+                raise InvalidArgumentError(
+                    "the first Append message must be `open` (vault_name, vault_uid)"
+                )
+            vault_name, vault_uid = first.open.vault_name, first.open.vault_uid
+            create = first.open.create
+            stream = await asyncio.to_thread(
+                self._store.open_stream, vault_name, vault_uid, create=create
+            )
+            token = self._leases.claim(vault_name, vault_uid)
+            outstanding: set[asyncio.Future[int]] = set()
+            reader: asyncio.Task[None] | None = None
+            try:
+                scope.committed = _length_of(stream)
+                if create:
+                    self._notify_new_stream(vault_name)
+                logger.info(
+                    "writer %s attached to %s/%s at offset %d",
+                    scope.peer,
+                    vault_name,
+                    vault_uid,
+                    stream.length,
+                )
+                yield vault_pb2.AppendResponse(
+                    committed_offset=stream.length,
+                    structure=codec.schema_to_proto(stream.schema),
+                )
+                queue: asyncio.Queue[_AppendItem] = asyncio.Queue()
+                reader = asyncio.get_running_loop().create_task(
+                    self._read_chunks(request_iterator, stream, queue, outstanding)
+                )
+                self._chunk_readers.add(reader)
+                reader.add_done_callback(self._chunk_readers.discard)
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, _End):
+                        break
+                    if isinstance(item, _Stopped):
+                        raise self._shutdown_error(
+                            f"stream {vault_name}/{vault_uid}", stream.length
+                        )
+                    if isinstance(item, BaseException):
+                        raise item
+                    future, chunk_stop = item
+                    # shield: a cancelled call must not cancel an append storage accepted.
+                    committed = await asyncio.shield(future)
+                    yield vault_pb2.AppendResponse(
+                        committed_offset=committed, chunk_stop=chunk_stop
+                    )
+            finally:
+                if reader is not None:
+                    reader.cancel()
+                self._leases.release(vault_name, vault_uid, token, outstanding)
+                logger.info(
+                    "writer %s detached from %s/%s at offset %d",
+                    scope.peer,
+                    vault_name,
+                    vault_uid,
+                    stream.length,
+                )
+
+    async def _read_chunks(
+        self,
+        requests: AsyncIterator[vault_pb2.AppendRequest],
+        stream: Stream,
+        queue: asyncio.Queue[_AppendItem],
+        outstanding: set[asyncio.Future[int]],
+    ) -> None:
+        """Reads chunks, checks them, submits them in order; puts (future, stop) on `queue`.
+
+        Waits before each read while the call's or the server's in-flight bytes are over their
+        limits, so a slow disk slows the writers instead of growing memory.
+        """
+        loop = asyncio.get_running_loop()
+        call_budget = ByteBudget(self._config.max_inflight_bytes_per_stream)
+        schema = stream.schema
+        try:
+            async for request in requests:
+                if request.WhichOneof("kind") != "chunk":
+                    raise InvalidArgumentError("after `open`, Append takes only `chunk` messages")
+                chunk = request.chunk
+                blobs = list(chunk.leaves)  # every access to a bytes field copies: read once
+                if chunk.start < 0 or chunk.num_steps < 1:
+                    raise InvalidArgumentError(
+                        f"chunk needs start >= 0 and num_steps >= 1, got start {chunk.start} "
+                        f"and num_steps {chunk.num_steps}"
+                    )
+                arrays = codec.decode_arrays(
+                    schema.leaves, schema.batch_size, chunk.num_steps, blobs
+                )
+                nbytes = sum(len(b) for b in blobs) + _CHUNK_OVERHEAD_BYTES
+                await call_budget.acquire(nbytes)
+                try:
+                    await self._budget.acquire(nbytes)
+                except BaseException:
+                    call_budget.release(nbytes)
+                    raise
+                try:
+                    future = bridge(stream.submit(chunk.start, arrays), loop)
+                except BaseException:
+                    call_budget.release(nbytes)
+                    self._budget.release(nbytes)
+                    raise
+                future.add_done_callback(_releaser(nbytes, call_budget, self._budget))
+                outstanding.add(future)
+                future.add_done_callback(outstanding.discard)
+                queue.put_nowait((future, chunk.start + chunk.num_steps))
+            queue.put_nowait(_End())
+        except asyncio.CancelledError:
+            queue.put_nowait(_Stopped())
+            raise
+        except Exception as error:  # handed to the call, which turns it into its status
+            queue.put_nowait(error)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    @override
+    async def Read(
+        self,
+        request: vault_pb2.ReadRequest,
+        context: ServicerContext[vault_pb2.ReadRequest, vault_pb2.ReadResponse],
+    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        async with rpc_errors(context, "Read") as scope:
+            self._check_open()
+            vault = await asyncio.to_thread(
+                self._store.get_vault, request.vault_name, with_sizes=False
+            )
+            schema = vault.schema
+            picked = codec.leaf_indices(schema, list(request.leaves))
+            names = [schema.leaves[i].name for i in picked]
+            selection = request.WhichOneof("selection")
+            if request.follow and selection not in (None, "range"):
+                raise InvalidArgumentError("follow takes a `range` (or nothing), not " + selection)
+            _check_selection(request)
+            per_message = codec.steps_per_message(
+                schema.batch_size * sum(schema.leaves[i].step_bytes for i in picked),
+                self._config.message_bytes,
+            )
+            logger.debug(
+                "Read %s/%s %s follow=%s",
+                request.vault_name,
+                request.vault_uid or "*",
+                selection,
+                request.follow,
+            )
+            yield vault_pb2.ReadResponse(structure=codec.schema_to_proto(schema))
+
+            if request.vault_uid or not request.follow:
+                uids = (
+                    [request.vault_uid]
+                    if request.vault_uid
+                    else [s.vault_uid for s in vault.streams]
+                )
+                for uid in uids:
+                    if request.follow:
+                        stream = await self._open_when_created(vault, uid)
+                    else:
+                        stream = await self._open_for_read(vault, uid)
+                    scope.committed = _length_of(stream)
+                    if request.follow:
+                        start = request.start_offsets.get(uid, request.range.start)
+                        stop = request.range.stop if request.range.HasField("stop") else None
+                        async for message in self._follow(stream, start, stop, names, per_message):
+                            yield message
+                        continue
+                    start, stop = _resolve(request, uid, stream.length)
+                    empty = True
+                    async for message in self._read_range(stream, start, stop, names, per_message):
+                        empty = False
+                        yield message
+                    if empty:
+                        yield vault_pb2.ReadResponse(
+                            vault_uid=uid, start=start, committed_offset=stream.length
+                        )
+            else:
+                async for message in self._follow_all(vault, request, names, per_message):
+                    yield message
+
+    async def _open_for_read(self, vault: VaultInfo, vault_uid: str) -> Stream:
+        stream = await asyncio.to_thread(self._store.open_stream, vault.vault_name, vault_uid)
+        if [leaf.name for leaf in stream.schema.leaves] != [
+            leaf.name for leaf in vault.schema.leaves
+        ]:
+            raise StorageError(
+                f"stream {vault.vault_name}/{vault_uid} has another structure than its vault "
+                f"({vault.schema.describe_mismatch(stream.schema) or 'leaf order differs'})"
+            )
+        return stream
+
+    async def _open_when_created(self, vault: VaultInfo, vault_uid: str) -> Stream:
+        """Opens a stream to follow, waiting for a writer to create it when it does not exist."""
+        event = asyncio.Event()
+        waiting = self._new_streams.setdefault(vault.vault_name, set())
+        waiting.add(event)
+        try:
+            while True:
+                event.clear()
+                try:
+                    return await self._open_for_read(vault, vault_uid)
+                except NotFoundError:
+                    if self._closing:
+                        raise self._shutdown_error(
+                            f"following {vault.vault_name}/{vault_uid}", 0
+                        ) from None
+                await event.wait()
+        finally:
+            waiting.discard(event)
+
+    async def _read_range(
+        self,
+        stream: Stream,
+        start: int,
+        stop: int,
+        names: Sequence[str],
+        per_message: int,
+    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        """Messages covering committed steps `[start, stop)` of a stream, in order."""
+        block = per_message * _MESSAGES_PER_READ
+        for lo in range(start, stop, block):
+            messages = await asyncio.to_thread(
+                _read_messages, stream, lo, min(stop, lo + block), names, per_message
+            )
+            for message in messages:
+                yield message
+
+    async def _follow(
+        self,
+        stream: Stream,
+        start: int,
+        stop: int | None,
+        names: Sequence[str],
+        per_message: int,
+    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        """Committed steps from `start`, then new ones as they commit, until `stop` (or forever)."""
+        if start < 0 or (stop is not None and stop < start):
+            raise InvalidArgumentError(f"follow range [{start}, {stop}) needs 0 <= start <= stop")
+        with CommitWatch(stream) as watch:
+            self._watches.add(watch)
+            try:
+                position = start
+                while stop is None or position < stop:
+                    length = stream.length
+                    if length > position:
+                        end = length if stop is None else min(length, stop)
+                        async for message in self._read_range(
+                            stream, position, end, names, per_message
+                        ):
+                            yield message
+                        position = end
+                        continue
+                    if self._closing:
+                        raise self._shutdown_error(
+                            f"following {stream.vault_name}/{stream.vault_uid}", position
+                        )
+                    await watch.wait_past(position)
+            finally:
+                self._watches.discard(watch)
+
+    async def _follow_all(
+        self,
+        vault: VaultInfo,
+        request: vault_pb2.ReadRequest,
+        names: Sequence[str],
+        per_message: int,
+    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        """Follows every stream of a vault, including streams created meanwhile, until cancelled."""
+        out: asyncio.Queue[vault_pb2.ReadResponse | BaseException] = asyncio.Queue(_FOLLOW_QUEUE)
+        stop = request.range.stop if request.range.HasField("stop") else None
+        tasks: dict[str, asyncio.Task[None]] = {}
+        new_streams = asyncio.Event()
+        self._new_streams.setdefault(vault.vault_name, set()).add(new_streams)
+
+        async def follow_one(uid: str) -> None:
+            try:
+                stream = await self._open_for_read(vault, uid)
+                start = request.start_offsets.get(uid, request.range.start)
+                async for message in self._follow(stream, start, stop, names, per_message):
+                    await out.put(message)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:
+                await out.put(error)
+
+        async def watch_streams() -> None:
+            while True:
+                new_streams.clear()
+                uids = await asyncio.to_thread(self._store.list_streams, vault.vault_name)
+                for uid in uids:
+                    if uid not in tasks:
+                        tasks[uid] = asyncio.get_running_loop().create_task(follow_one(uid))
+                if self._closing:
+                    await out.put(self._shutdown_error(f"following {vault.vault_name}", 0))
+                    return
+                await new_streams.wait()
+
+        watcher = asyncio.get_running_loop().create_task(watch_streams())
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            watcher.cancel()
+            for task in tasks.values():
+                task.cancel()
+            self._new_streams[vault.vault_name].discard(new_streams)
+
+    def _notify_new_stream(self, vault_name: str) -> None:
+        for event in self._new_streams.get(vault_name, ()):
+            event.set()
+
+    # -- samples --------------------------------------------------------------------------------
+
+    @override
+    async def Sample(
+        self,
+        request: vault_pb2.SampleRequest,
+        context: ServicerContext[vault_pb2.SampleRequest, vault_pb2.SampleResponse],
+    ) -> AsyncIterator[vault_pb2.SampleResponse]:
+        async with rpc_errors(context, "Sample"):
+            self._check_open()
+            if request.batch_size < 1 or request.sequence_length < 1:
+                raise InvalidArgumentError(
+                    f"batch_size and sequence_length must be >= 1, got {request.batch_size} and "
+                    f"{request.sequence_length}"
+                )
+            vault = await asyncio.to_thread(
+                self._store.get_vault, request.vault_name, with_sizes=False
+            )
+            schema = vault.schema
+            picked = codec.leaf_indices(schema, list(request.leaves))
+            names = [schema.leaves[i].name for i in picked]
+            uids = list(request.vault_uids) or [s.vault_uid for s in vault.streams]
+            streams = [await self._open_for_read(vault, uid) for uid in uids]
+            seed = request.seed if request.HasField("seed") else None
+            windows = _draw_windows(
+                schema, streams, request.batch_size, request.sequence_length, seed
+            )
+            row_bytes = request.sequence_length * sum(schema.leaves[i].step_bytes for i in picked)
+            per_message = max(1, self._config.message_bytes // max(1, row_bytes))
+            logger.debug(
+                "Sample %s %dx%d", request.vault_name, request.batch_size, request.sequence_length
+            )
+            for lo in range(0, len(windows), per_message):
+                group = windows[lo : lo + per_message]
+                # Window reads wait on storage I/O and decompression: run them side by side.
+                rows = await asyncio.gather(
+                    *(
+                        asyncio.to_thread(
+                            _read_window, streams[i], row, start, request.sequence_length, names
+                        )
+                        for i, row, start in group
+                    )
+                )
+                message = await asyncio.to_thread(_sample_message, streams, group, lo, rows)
+                if lo == 0:
+                    message.structure.CopyFrom(codec.schema_to_proto(schema))
+                yield message
+
+
+def _releaser(nbytes: int, *budgets: ByteBudget) -> Callable[[asyncio.Future[int]], None]:
+    def release(future: asyncio.Future[int]) -> None:
+        for budget in budgets:
+            budget.release(nbytes)
+        if not future.cancelled():
+            future.exception()  # retrieved: the call reports it, or it ended before
+
+    return release
+
+
+def _check_selection(request: vault_pb2.ReadRequest) -> None:
+    """Refuses negative or reversed ranges and bad percentiles before anything is read."""
+    selection = request.WhichOneof("selection")
+    if selection == "range":
+        r = request.range
+        if r.start < 0 or (r.HasField("stop") and r.stop < r.start):
+            raise InvalidArgumentError(
+                f"read range [{r.start}, {r.stop if r.HasField('stop') else 'end'}) needs "
+                "0 <= start <= stop"
+            )
+    elif selection == "last_steps" and request.last_steps < 0:
+        raise InvalidArgumentError(f"last_steps must be >= 0, got {request.last_steps}")
+    elif selection == "percentiles":
+        p = request.percentiles
+        if not 0 <= p.low < p.high <= 100:
+            raise InvalidArgumentError(
+                f"percentiles ({p.low}, {p.high}) need 0 <= low < high <= 100"
+            )
+    for uid, offset in request.start_offsets.items():
+        if offset < 0:
+            raise InvalidArgumentError(f"start_offsets[{uid!r}] must be >= 0, got {offset}")
+
+
+def _length_of(stream: Stream) -> Callable[[], int]:
+    return lambda: stream.length
+
+
+def _resolve(request: vault_pb2.ReadRequest, vault_uid: str, length: int) -> tuple[int, int]:
+    """The `[start, stop)` a read selects in a stream of `length` committed steps."""
+    selection = request.WhichOneof("selection")
+    if selection == "range":
+        stop = request.range.stop if request.range.HasField("stop") else length
+        start = request.start_offsets.get(vault_uid, request.range.start)
+        if stop > length or start > stop:
+            raise InvalidArgumentError(
+                f"read range [{start}, {stop}) is past the {length} committed steps; read "
+                f"within [0, {length}) or use follow"
+            )
+        return start, stop
+    if selection == "last_steps":
+        return max(0, length - request.last_steps), length
+    if selection == "percentiles":
+        p = request.percentiles
+        return int(length * (p.low / 100)), int(length * (p.high / 100))
+    return 0, length
+
+
+def _read_messages(
+    stream: Stream, start: int, stop: int, names: Sequence[str], per_message: int
+) -> list[vault_pb2.ReadResponse]:
+    """Reads `[start, stop)` and encodes it into messages of `per_message` steps (worker thread)."""
+    arrays = stream.read(start, stop, list(names))
+    committed = stream.length
+    messages = []
+    for lo in range(0, stop - start, per_message):
+        hi = min(stop - start, lo + per_message)
+        messages.append(
+            vault_pb2.ReadResponse(
+                vault_uid=stream.vault_uid,
+                start=start + lo,
+                num_steps=hi - lo,
+                leaves=codec.encode_arrays([a[:, lo:hi] for a in arrays]),
+                committed_offset=committed,
+            )
+        )
+    return messages
+
+
+_Window = tuple[int, int, int]  # (stream index, batch row, start offset)
+
+
+def _draw_windows(
+    schema: Schema,
+    streams: Sequence[Stream],
+    batch_size: int,
+    sequence_length: int,
+    seed: int | None,
+) -> list[_Window]:
+    """Draws windows uniformly among all `(stream, row, start)` with `start + L <= length`."""
+    starts_per_row = np.array([max(0, s.length - sequence_length + 1) for s in streams], np.int64)
+    counts = starts_per_row * schema.batch_size
+    total = int(counts.sum())
+    if total == 0:
+        longest = max((s.length for s in streams), default=0)
+        raise InvalidArgumentError(
+            f"no stream has {sequence_length} committed steps to sample from (longest: "
+            f"{longest}); append more or lower sequence_length"
+        )
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, total, size=batch_size)
+    ends = np.cumsum(counts)
+    which = np.searchsorted(ends, drawn, side="right")
+    within = drawn - (ends[which] - counts[which])
+    rows, starts = np.divmod(within, starts_per_row[which])
+    return [(int(w), int(r), int(s)) for w, r, s in zip(which, rows, starts, strict=True)]
+
+
+def _read_window(
+    stream: Stream, row: int, start: int, sequence_length: int, names: Sequence[str]
+) -> list[np.ndarray[Any, Any]]:
+    """One window: batch row `row`, steps `[start, start + sequence_length)` (worker thread)."""
+    return [a[row] for a in stream.read(start, start + sequence_length, list(names))]
+
+
+def _sample_message(
+    streams: Sequence[Stream],
+    windows: Sequence[_Window],
+    first: int,
+    rows: Sequence[Sequence[np.ndarray[Any, Any]]],
+) -> vault_pb2.SampleResponse:
+    """Stacks the windows' rows, leaf by leaf, into one message (worker thread)."""
+    return vault_pb2.SampleResponse(
+        first=first,
+        vault_uids=[streams[i].vault_uid for i, _, _ in windows],
+        batch_rows=[r for _, r, _ in windows],
+        starts=[s for _, _, s in windows],
+        leaves=codec.encode_arrays([np.stack(parts) for parts in zip(*rows, strict=True)]),
+    )
