@@ -21,6 +21,7 @@ import grpc
 from expvault._rpc import Backoff, error_from_rpc, is_retryable
 from expvault.errors import (
     ExpvaultError,
+    ResourceExhaustedError,
     StorageError,
     StreamBusyError,
     UnavailableError,
@@ -112,11 +113,16 @@ class Sender:
         with self._cond:
             return self._committed
 
-    def put(self, parts: Sequence[tuple[int, int, list[bytes]]]) -> None:
+    def put(self, parts: Sequence[tuple[int, int, list[bytes]]], *, block: bool = True) -> None:
         """Queues `(start, num_steps, leaf bytes)` parts; blocks while too much is unacknowledged.
+
+        Args:
+            parts: the chunks, in stream order.
+            block: wait while the queue is full; when False raise `ResourceExhaustedError`.
 
         Raises:
             ExpvaultError: the sender failed earlier (the error the server or transport gave).
+            ResourceExhaustedError: the queue is full and not `block`.
         """
         size = sum(len(b) for _, _, leaves in parts for b in leaves)
         with self._cond:
@@ -128,6 +134,12 @@ class Sender:
                 and self._pending_bytes > 0
                 and self._pending_bytes + size > self._max_pending_bytes
             ):
+                if not block:
+                    raise ResourceExhaustedError(
+                        f"{self._pending_bytes} bytes of {self._vault_name}/{self._vault_uid} are "
+                        f"unacknowledged (max_pending_bytes={self._max_pending_bytes}); flush(), "
+                        "write less often, or raise max_pending_bytes"
+                    )
                 self._cond.wait()
             self._raise_error()
             for start, num_steps, leaves in parts:

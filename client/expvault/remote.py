@@ -214,6 +214,8 @@ class RemoteVault:
         timeout_s: deadline of each unary call.
         reconnect_timeout_s: how long to keep reconnecting after the server went away.
         max_pending_bytes: unacknowledged bytes above which `write` blocks (backpressure).
+        block_when_full: when `max_pending_bytes` are unacknowledged, `write` waits (True) or
+            raises `ResourceExhaustedError` at once (False).
         message_bytes: payload per Append message (deltas are split along time).
         max_message_bytes: the channel's message limit (the server's must be as large).
         credentials: TLS credentials; None for a plaintext channel.
@@ -237,6 +239,7 @@ class RemoteVault:
         timeout_s: float = 30.0,
         reconnect_timeout_s: float = 60.0,
         max_pending_bytes: int = 256 << 20,
+        block_when_full: bool = True,
         message_bytes: int = codec.DEFAULT_MESSAGE_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
@@ -275,6 +278,7 @@ class RemoteVault:
         ]
         self._writer = DeltaWriter(user)
         self._max_pending_bytes = max_pending_bytes
+        self._block_when_full = block_when_full
         self._message_bytes = message_bytes
         self._sender: Sender | None = None
         self._closed = False
@@ -303,24 +307,33 @@ class RemoteVault:
         state: Any,
         source_interval: tuple[int, int] = (0, 0),
         dest_start: int | None = None,
+        *,
+        wait: bool = True,
     ) -> int:
-        """Queues the new steps of a buffer state for the server (flashbax's `write`).
+        """Writes the new steps of a buffer state to the server (flashbax's `write`).
 
-        The steps are copied off the device at once; they are durable once acknowledged
-        (`flush()` waits for that). Blocks only while `max_pending_bytes` are unacknowledged.
+        Only the new steps are gathered on the device and copied to the host, in one transfer,
+        before this returns (so the state may be donated right after). With `wait=True` it
+        returns once the server acknowledged them as durable; with `wait=False` it queues them
+        for the background sender and returns at once (`flush()` waits for durability, and a
+        failure in the background is raised by the next call).
 
         Args:
-            state: a flashbax `TrajectoryBufferState` (experience leaves `(B, T, ...)`).
+            state: a flashbax `TrajectoryBufferState` (experience leaves `(B, T, ...)`), or an
+                `expvault.counted` one for exact overrun detection.
             source_interval: `(0, 0)` for the steps added since the last write, else the ring
                 interval `[a, b)` to store (wrapping when `b < a`), as in flashbax.
             dest_start: the stream offset to write at; default right after the previous write.
+            wait: wait for the acknowledgement (default) or only queue.
 
         Returns:
-            The number of time steps written.
+            The number of time steps written (queued, with `wait=False`).
 
         Raises:
-            DataLossError: the ring overwrote steps before they were written (naming the range).
+            DataLossError: the ring overwrote steps before they were written (naming the range);
+                nothing is queued and the next `write` sends the steps still in the ring.
             SchemaMismatchError: the state does not match the vault's structure.
+            ResourceExhaustedError: the queue is full and `block_when_full` is False.
             ExpvaultError: an earlier write failed on the server (e.g. `OffsetGapError`).
         """
         self._check_open()
@@ -330,11 +343,16 @@ class RemoteVault:
             state, source_interval, dest_start, committed=self._initial_length
         )
         if planned is None:
+            if wait:
+                self.flush()
             return 0
         wire = [planned.arrays[i] for i in self._to_wire]
         parts = list(codec.split_steps(planned.start, wire, self._message_bytes))
-        self._ensure_sender().put(parts)
+        sender = self._ensure_sender()
+        sender.put(parts, block=self._block_when_full)
         self._writer.advance(planned)
+        if wait:
+            sender.flush()
         return planned.num_steps
 
     def _ensure_sender(self) -> Sender:

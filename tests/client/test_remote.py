@@ -27,6 +27,7 @@ from expvault import (
     NotFoundError,
     OffsetGapError,
     RemoteVault,
+    ResourceExhaustedError,
     StreamBusyError,
     VaultReader,
 )
@@ -91,7 +92,7 @@ def test_errors_of_background_writes_surface_on_flush(server: ServerThread) -> N
     actor = Actor()
     with RemoteVault(server.target, "v", actor.state.experience, vault_uid="a") as vault:
         vault.write(actor.add(3))
-        vault.write(actor.add(3), dest_start=100)  # a gap: refused by the server
+        vault.write(actor.add(3), dest_start=100, wait=False)  # a gap: refused by the server
         with pytest.raises(OffsetGapError, match="resend from 3") as info:
             vault.flush()
         assert info.value.expected_offset == 3
@@ -101,13 +102,44 @@ def test_errors_of_background_writes_surface_on_flush(server: ServerThread) -> N
         assert reader.streams() == {"a": 3}
 
 
+def test_write_waits_for_the_ack_and_raises_server_errors_itself(server: ServerThread) -> None:
+    actor = Actor()
+    with RemoteVault(server.target, "v", actor.state.experience, vault_uid="a") as vault:
+        assert vault.write(actor.add(3)) == 3
+        assert vault.committed_index == 3  # acknowledged before write returned
+        with pytest.raises(OffsetGapError, match="resend from 3"):
+            vault.write(actor.add(3), dest_start=100)
+
+
+def test_a_full_queue_raises_when_asked_not_to_block(server: ServerThread) -> None:
+    actor = Actor()
+    with RemoteVault(
+        server.target,
+        "v",
+        actor.state.experience,
+        vault_uid="a",
+        max_pending_bytes=1,
+        block_when_full=False,
+    ) as vault:
+        vault.write(actor.add(3), wait=False)  # an empty queue always takes one write
+
+        def keep_writing() -> None:
+            for _ in range(100):  # until one write finds the previous one unacknowledged
+                vault.write(actor.add(1), wait=False)
+
+        with pytest.raises(ResourceExhaustedError, match="max_pending_bytes"):
+            keep_writing()
+        vault.flush()
+        assert vault.committed_index == vault.vault_index
+
+
 def test_one_writer_per_stream(server: ServerThread) -> None:
     actor = Actor()
     with RemoteVault(server.target, "v", actor.state.experience, vault_uid="a") as first:
         first.write(actor.add(2))
         first.flush()
         second = RemoteVault(server.target, "v", actor.state.experience, vault_uid="a")
-        second.write(actor.add(2))
+        second.write(actor.add(2), wait=False)
         with pytest.raises(StreamBusyError, match="one writer at a time"):
             second.flush()
         second.close()  # the failure was raised once already
