@@ -178,6 +178,7 @@ class Vault:
             SchemaMismatchError: the state does not match the vault.
             OffsetGapError: `dest_start` is past the stored length.
         """
+        self._stream.begin_writing()  # the committed length is final only for the writer
         planned = self._writer.plan(
             fbx_state, source_interval, dest_start, committed=self._stream.length
         )

@@ -214,6 +214,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             outstanding: set[asyncio.Future[int]] = set()
             reader: asyncio.Task[None] | None = None
             try:
+                # Become the stream's writer before telling the client where to resume.
+                await asyncio.to_thread(stream.begin_writing)
                 scope.committed = _length_of(stream)
                 if create:
                     self._notify_new_stream(vault_name)

@@ -202,6 +202,17 @@ def read_segment(
     return Segment(start, tuple(arrays))
 
 
+def remove_temporary(stream_dir: Path) -> None:
+    """Deletes log files a crash left half-written (never renamed, so never acknowledged).
+
+    Only the stream's writer may call this: another process's write in progress looks the same.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(stream_dir / WAL_DIR):
+            if name.endswith(".tmp"):
+                remove_quietly(stream_dir / WAL_DIR / name)
+
+
 def remove_quietly(path: Path) -> None:
     """Deletes a file, ignoring one that is already gone."""
     with contextlib.suppress(FileNotFoundError):

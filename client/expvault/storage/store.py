@@ -211,7 +211,7 @@ class Store:
             user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
             compression, chunk_steps = None, 0
         else:
-            raise NotFoundError(f"vault {vault_name!r} not found under {self.root}")
+            raise NotFoundError(f"vault {vault_name!r} not found")
         streams = []
         for uid in uids:
             try:

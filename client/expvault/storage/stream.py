@@ -14,12 +14,14 @@ A second thread per stream materializes whole chunks, so acks never wait for zar
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,16 @@ logger = logging.getLogger(__name__)
 
 # flashbax stores the committed length as int32.
 MAX_STREAM_STEPS = 2**31 - 1
+
+# Streams with running writer threads. They are closed (committed, flushed) at interpreter exit:
+# a daemon thread inside tensorstore while the interpreter tears down aborts the process.
+_OPEN_WRITERS: weakref.WeakSet[Stream] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_writers() -> None:
+    for stream in list(_OPEN_WRITERS):
+        stream.close()
 
 
 @dataclass
@@ -81,42 +93,61 @@ class Stream:
         self._has_pending = threading.Condition(self._lock)
         self._has_chunks = threading.Condition(self._lock)
         self._materializing = threading.Lock()  # one materialization at a time
+        self._starting = threading.Lock()  # one writer start
         self._pending: deque[_Pending] = deque()
         self._listeners: list[Callable[[int], None]] = []
         self._threads: list[threading.Thread] = []
         self._writer_lock: files.WriterLock | None = None
         self._closed = False
-        self._materialized = int(index.read().result()[0])
-        self._segments: list[files.Segment] = self._recover()
-        self._length = self._segments[-1].stop if self._segments else self._materialized
+        self._materialized = 0
+        self._segments: list[files.Segment] = []
+        self._length = 0
+        self._load(writer=False)
 
     # -- recovery ---------------------------------------------------------------------------
 
-    def _recover(self) -> list[files.Segment]:
-        """Loads the log segments that continue the materialized steps, deletes stale ones."""
+    def _load(self, *, writer: bool) -> None:
+        """Loads the committed state: `vault_index`, then the log segments that continue it.
+
+        A reader's view is a snapshot taken when the stream was opened; a writer reloads when it
+        takes the writer lock (the state may have moved on meanwhile) and only then cleans up:
+        segments already materialized and temporary files of log writes a crash interrupted.
+        """
         dtypes = [leaf.dtype for leaf in self.schema.leaves]
         shapes = [(self.schema.batch_size, *leaf.step_shape) for leaf in self.schema.leaves]
-        segments: list[files.Segment] = []
-        end = self._materialized
-        for start, stop, path in sorted(files.segment_files(self.path)):
-            if stop <= end:
-                files.remove_quietly(path)  # already materialized, or a duplicate
+        for attempt in range(3):
+            materialized = int(self._index.read().result()[0])
+            segments: list[files.Segment] = []
+            end = materialized
+            try:
+                for start, stop, path in sorted(files.segment_files(self.path)):
+                    if stop <= end:
+                        if writer:
+                            files.remove_quietly(path)  # already materialized, or a duplicate
+                        continue
+                    if start > end:
+                        # Cannot happen with sequential durable writes; keep it for inspection.
+                        logger.error("stream %s: log segment %s leaves a gap", self.path, path)
+                        continue
+                    segments.append(files.read_segment(path, dtypes, shapes))
+                    end = stop
+            except FileNotFoundError:
+                # Another process materialized and deleted it meanwhile: read the index again.
+                if attempt == 2:
+                    raise
                 continue
-            if start > end:
-                # Cannot happen with sequential durable writes; keep the file for inspection.
-                logger.error("stream %s: log segment %s leaves a gap; ignoring it", self.path, path)
-                continue
-            segment = files.read_segment(path, dtypes, shapes)
-            segments.append(segment)
-            end = stop
+            break
+        if writer:
+            files.remove_temporary(self.path)
+        with self._lock:
+            self._materialized, self._segments, self._length = materialized, segments, end
         if segments:
             logger.info(
-                "stream %s/%s: recovered %d steps from the write-ahead log",
+                "stream %s/%s: %d committed steps are in the write-ahead log",
                 self.vault_name,
                 self.vault_uid,
-                end - self._materialized,
+                end - materialized,
             )
-        return segments
 
     # -- state --------------------------------------------------------------------------------
 
@@ -179,24 +210,49 @@ class Stream:
         if steps == 0:
             pending.future.set_result(self.length)
             return pending.future
+        if not self._threads:
+            self.begin_writing()
         with self._lock:
             if self._closed:
                 raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
-            if not self._threads:
-                self._writer_lock = files.WriterLock(self.path)
-                name = f"{self.vault_name}/{self.vault_uid}"
-                self._threads = [
-                    threading.Thread(target=loop, name=f"expvault-{what}-{name}", daemon=True)
-                    for loop, what in (
-                        (self._commit_loop, "commit"),
-                        (self._materialize_loop, "materialize"),
-                    )
-                ]
-                for thread in self._threads:
-                    thread.start()
             self._pending.append(pending)
             self._has_pending.notify()
         return pending.future
+
+    def begin_writing(self) -> None:
+        """Makes this object the stream's writer (idempotent); `submit` does it on first use.
+
+        Takes the writer lock, then reloads the committed state, which another writer may have
+        moved on since this object was opened: call it before choosing an append's offset.
+
+        Raises:
+            StreamBusyError: another process (or Store) is the writer.
+        """
+        with self._starting:
+            if self._threads:
+                return
+            if self._closed:
+                raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
+            lock = files.WriterLock(self.path)
+            try:
+                self._load(writer=True)
+            except BaseException:
+                lock.release()
+                raise
+            self._writer_lock = lock
+            name = f"{self.vault_name}/{self.vault_uid}"
+            threads = [
+                threading.Thread(target=loop, name=f"expvault-{what}-{name}", daemon=True)
+                for loop, what in (
+                    (self._commit_loop, "commit"),
+                    (self._materialize_loop, "materialize"),
+                )
+            ]
+            for thread in threads:
+                thread.start()
+            with self._lock:
+                self._threads = threads
+            _OPEN_WRITERS.add(self)
 
     def append(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
         """Appends and waits until durable; see `submit`.
@@ -213,9 +269,11 @@ class Stream:
                     self._has_pending.wait()
                 if not self._pending:
                     return
-                batch = list(self._pending)
+                # A future its submitter cancelled is dropped: nothing of it is written.
+                batch = [p for p in self._pending if p.future.set_running_or_notify_cancel()]
                 self._pending.clear()
-            self._commit(batch)
+            if batch:
+                self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Commits a group of appends with one log write; resolves their futures."""
@@ -415,26 +473,28 @@ class Stream:
         with self._lock:
             pending = [p.future for p in self._pending]
         for f in pending:
-            with contextlib.suppress(ExpvaultError):  # reported to whoever submitted it
+            with contextlib.suppress(ExpvaultError, CancelledError):  # its submitter knows
                 f.result()
 
     def close(self) -> None:
         """Commits queued appends, flushes, and stops the committer (idempotent)."""
-        with self._lock:
-            if self._closed:
-                return
-        self._drain()
-        with self._lock:
-            self._closed = True
-            self._has_pending.notify_all()
-            self._has_chunks.notify_all()
-            threads = self._threads
-        for thread in threads:
-            thread.join()
-        if threads:
-            self._materialize(self._length)
-        if self._writer_lock is not None:
-            self._writer_lock.release()
+        with self._starting:
+            with self._lock:
+                if self._closed:
+                    return
+            self._drain()
+            with self._lock:
+                self._closed = True
+                self._has_pending.notify_all()
+                self._has_chunks.notify_all()
+                threads = self._threads
+            for thread in threads:
+                thread.join()
+            if threads:
+                self._materialize(self._length)
+            if self._writer_lock is not None:
+                self._writer_lock.release()
+            _OPEN_WRITERS.discard(self)
 
 
 def _merge(segments: list[files.Segment]) -> files.Segment:
