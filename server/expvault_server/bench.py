@@ -10,12 +10,16 @@ Run: `python -m expvault_server.bench` (add `--json` for one JSON object per lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -209,6 +213,176 @@ def storage_cases(payload: Payload, repeats: int) -> list[Result]:
     return results
 
 
+# -- remote cases --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _server(root: str) -> Iterator[str]:
+    """`expvault serve` as a subprocess on a free loopback port; yields its address."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "expvault_server.cli",
+            "serve",
+            "--root",
+            root,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if match := re.search(r"serving on (\S+)", line):
+                break
+        else:
+            raise RuntimeError("expvault serve exited before listening")
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # drain its log
+        yield match.group(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+class _RemoteActor:
+    """An actor writing the payload through `RemoteVault`; set up (jit, data) before timing."""
+
+    def __init__(self, target: str, uid: str, payload: Payload, seed: int) -> None:
+        import flashbax as fbx
+
+        from expvault import RemoteVault
+
+        buffer = fbx.make_trajectory_buffer(
+            add_batch_size=payload.envs,
+            max_length_time_axis=payload.buffer_steps,
+            min_length_time_axis=1,
+            sample_batch_size=1,
+            sample_sequence_length=1,
+            period=1,
+        )
+        self.payload = payload
+        self.add = jax.jit(buffer.add, donate_argnums=0)
+        self.state = buffer.init(payload.example())
+        self.deltas = payload.deltas(seed)
+        self.state = self.add(self.state, self.deltas[0])  # compile before the clock starts
+        self.vault = RemoteVault(target, "bench", self.state.experience, vault_uid=uid)
+        self.vault.write(self.state)
+
+    def run(self, wait: bool) -> dict[str, float]:
+        """Adds and writes every delta; returns timings (the last flush included)."""
+        write_s = 0.0
+        latencies = []
+        for delta in self.deltas:
+            self.state = self.add(self.state, delta)
+            jax.block_until_ready(self.state)  # type: ignore[no-untyped-call]
+            t0 = time.perf_counter()
+            self.vault.write(self.state, wait=wait)
+            latencies.append(time.perf_counter() - t0)
+            write_s += latencies[-1]
+        t0 = time.perf_counter()
+        self.vault.flush()
+        write_s += time.perf_counter() - t0
+        self.vault.close()
+        steps = self.payload.writes * self.payload.delta_steps
+        return {
+            "steps": steps,
+            "bytes": steps * self.payload.step_bytes,
+            "write_s": write_s,
+            "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
+            "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3),
+        }
+
+
+def _actor_process(args: tuple[str, str, Payload, int, Any, Any]) -> None:
+    target, uid, payload, seed, ready, results = args
+    actor = _RemoteActor(target, uid, payload, seed)
+    ready.wait()
+    started = time.perf_counter()
+    sample = actor.run(wait=False)
+    results.put((started, time.perf_counter(), sample["bytes"]))
+
+
+def _wait_for_streams(target: str, count: int) -> None:
+    """Waits until `count` actors opened their streams (set-up done), with a deadline."""
+    from expvault import VaultReader
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception), VaultReader(target, "bench") as reader:
+            if sum(uid.startswith("actor-") for uid in reader.streams()) >= count:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{count} actors did not start within 300 s")
+
+
+def remote_cases(payload: Payload, repeats: int, actors: int = 4) -> list[Result]:
+    """Measures RemoteVault and VaultReader: one actor, `actors` at once, reads, samples."""
+    import multiprocessing as mp
+
+    from expvault import VaultReader
+
+    one: list[dict[str, float]] = []
+    many: list[dict[str, float]] = []
+    reads: list[dict[str, float]] = []
+    samples: list[dict[str, float]] = []
+    ctx = mp.get_context("spawn")
+    for run in range(repeats + 1):
+        with tempfile.TemporaryDirectory(prefix="expvault-bench-") as root, _server(root) as target:
+            sample = _RemoteActor(target, "single", payload, seed=run).run(wait=True)
+            steps = sample["steps"]
+            one.append(
+                {
+                    "write_steps_per_s": steps / sample["write_s"],
+                    "write_mb_per_s": sample["bytes"] / sample["write_s"] / 1e6,
+                }
+            )
+            ready, results = ctx.Event(), ctx.Queue()
+            processes = [
+                ctx.Process(
+                    target=_actor_process,
+                    args=((target, f"actor-{a}", payload, run * 10 + a, ready, results),),
+                )
+                for a in range(actors)
+            ]
+            for process in processes:
+                process.start()
+            _wait_for_streams(target, actors)
+            ready.set()
+            spans = [results.get(timeout=600) for _ in processes]
+            for process in processes:
+                process.join()
+            elapsed = max(s[1] for s in spans) - min(s[0] for s in spans)
+            many.append({"aggregate_mb_per_s": sum(s[2] for s in spans) / elapsed / 1e6})
+            with VaultReader(target, "bench") as reader:
+                t0 = time.perf_counter()
+                tree = reader.read(0, None, vault_uid="actor-0")
+                read_s = time.perf_counter() - t0
+                n = int(jax.tree_util.tree_leaves(tree)[0].shape[1])
+                reads.append({"read_mb_per_s": n * payload.step_bytes / read_s / 1e6})
+                reader.sample(32, 64, seed=0)
+                times = []
+                for i in range(40):
+                    t0 = time.perf_counter()
+                    reader.sample(32, 64, seed=i)
+                    times.append(time.perf_counter() - t0)
+                samples.append(
+                    {
+                        "batches_per_s": len(times) / sum(times),
+                        "latency_p99_ms": float(np.percentile(times, 99) * 1e3),
+                    }
+                )
+        _progress(f"remote: run {run}/{repeats}")
+    return [
+        _summarise("RemoteVault, 1 actor, write() waits for durable ack", one[1:]),
+        _summarise(f"RemoteVault, {actors} actor processes, aggregate, durable", many[1:]),
+        _summarise("VaultReader.read, full stream", reads[1:]),
+        _summarise("VaultReader.sample, batch 32 x 64 steps", samples[1:]),
+    ]
+
+
 def _ratio(
     a: tuple[float, float, float], b: tuple[float, float, float]
 ) -> tuple[float, float, float]:
@@ -236,9 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--envs", type=int, default=Payload.envs, help="B, envs per buffer")
     parser.add_argument("--delta-steps", type=int, default=Payload.delta_steps)
     parser.add_argument("--json", action="store_true", help="one JSON object per case per line")
+    parser.add_argument("--storage-only", action="store_true", help="skip the gRPC cases")
     args = parser.parse_args(argv)
     payload = Payload(envs=args.envs, delta_steps=args.delta_steps, writes=args.writes)
     results = storage_cases(payload, max(1, args.repeats))
+    if not args.storage_only:
+        remote = remote_cases(payload, max(1, args.repeats))
+        flashbax = results[0].metrics["write_steps_per_s"]
+        remote[0].metrics["write_steps_per_s_vs_flashbax"] = _ratio(
+            remote[0].metrics["write_steps_per_s"], flashbax
+        )
+        results += remote
     if args.json:
         for result in results:
             print(json.dumps(result.as_json()))
