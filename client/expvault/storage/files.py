@@ -203,7 +203,7 @@ def read_segment(
 
 
 def remove_temporary(stream_dir: Path) -> None:
-    """Deletes log files a crash left half-written (never renamed, so never acknowledged).
+    """Deletes files a crash left half-written (never renamed, so never acknowledged).
 
     Only the stream's writer may call this: another process's write in progress looks the same.
     """
@@ -211,6 +211,10 @@ def remove_temporary(stream_dir: Path) -> None:
         for name in os.listdir(stream_dir / WAL_DIR):
             if name.endswith(".tmp"):
                 remove_quietly(stream_dir / WAL_DIR / name)
+    # tensorstore writes OCDBT files through `<name>.__lock` temporaries; one a kill left behind
+    # is reused without truncation by the next writer, corrupting the manifest.
+    for stale in [stream_dir / "manifest.ocdbt.__lock", *(stream_dir / "d").glob("*.__lock")]:
+        remove_quietly(stale)
 
 
 def remove_quietly(path: Path) -> None:

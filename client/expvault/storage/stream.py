@@ -364,7 +364,7 @@ class Stream:
             segments = list(self._segments)
         data = _slice(segments, start, stop)
         try:
-            txn = ts.Transaction()
+            txn = ts.Transaction(atomic=True)
             writes = [
                 array.with_transaction(txn)[:, start:stop].write(values)
                 for array, values in zip(self._arrays, data, strict=True)
