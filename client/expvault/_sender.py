@@ -1,10 +1,16 @@
 """The background sender of `RemoteVault`: one Append stream, pipelined, resent after reconnects.
 
-Chunks wait in `pending` until acknowledged. A connection sends them in order without waiting for
-acks; the server acknowledges each chunk, in order, once durable. When the stream breaks
+A write hands the sender an `Outgoing` delta whose steps may still be on their way from the
+device. A preparing thread waits for them to reach the host, encodes them into serialized Append
+chunks (the leaf bytes copied once, straight into the requests) and queues the chunks in
+`pending`, where they wait until acknowledged. A connection sends them in order without waiting
+for acks; the server acknowledges each chunk, in order, once durable. When the stream breaks
 (server restart, network), the sender reconnects with backoff and resends every unacknowledged
 chunk from its offset: the server acknowledges steps it already has without writing them again,
 so nothing is lost or duplicated.
+
+The queue is bounded in payload bytes: deltas not yet on the host count as much as encoded
+chunks, from `put` until their acknowledgement.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import numpy as np
 
+from expvault import codec
 from expvault._rpc import Backoff, error_from_rpc, is_retryable
 from expvault.errors import (
     ExpvaultError,
@@ -26,31 +35,55 @@ from expvault.errors import (
     StreamBusyError,
     UnavailableError,
 )
-from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault.v1 import vault_pb2
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "Sender"]
+__all__ = ["APPEND_METHOD", "Chunk", "Outgoing", "Sender"]
+
+APPEND_METHOD = "/{}/{}".format(
+    vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name, "Append"
+)
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """Steps `[start, start + num_steps)` ready for the wire (leaf bytes in wire order)."""
+class Outgoing:
+    """A delta handed to the sender: steps `[start, start + num_steps)` of the stream.
 
-    seq: int
+    Attributes:
+        start: stream offset of the first step.
+        num_steps: number of time steps.
+        nbytes: payload bytes, all leaves (what the queue bound counts).
+        fetch: returns the steps as host arrays `(B, num_steps, ...)`, one per leaf in wire
+            order, waiting for them to arrive from the device; called once, on the sender's
+            preparing thread.
+    """
+
     start: int
     num_steps: int
-    leaves: Sequence[bytes]
+    nbytes: int
+    fetch: Callable[[], Sequence[np.ndarray[Any, Any]]]
 
     @property
     def stop(self) -> int:
         """Stream offset one past the last step."""
         return self.start + self.num_steps
 
+
+@dataclass(frozen=True)
+class Chunk:
+    """Steps `[start, start + num_steps)` ready for the wire: a serialized `AppendRequest`."""
+
+    seq: int
+    start: int
+    num_steps: int
+    nbytes: int
+    request: bytes
+
     @property
-    def nbytes(self) -> int:
-        """Payload bytes."""
-        return sum(len(b) for b in self.leaves)
+    def stop(self) -> int:
+        """Stream offset one past the last step."""
+        return self.start + self.num_steps
 
 
 class _Connection:
@@ -63,36 +96,48 @@ class _Connection:
 
 
 class Sender:
-    """Sends chunks of one stream from a background thread; see the module docstring.
+    """Sends the deltas of one stream from background threads; see the module docstring.
 
     Args:
-        stub: the service stub (its channel has raised message limits).
+        channel: the channel (with raised message limits).
         vault_name: the vault.
         vault_uid: the stream.
         leaf_names: the leaf names in wire order, checked against the server's open response.
-        max_pending_bytes: unacknowledged bytes above which `put` blocks (backpressure).
+        max_pending_bytes: unacknowledged payload bytes above which `put` blocks (backpressure).
         reconnect_timeout_s: how long to keep reconnecting before failing.
+        message_bytes: payload per Append message (deltas are split along time).
     """
 
     def __init__(
         self,
-        stub: vault_pb2_grpc.VaultServiceStub,
+        channel: grpc.Channel,
         vault_name: str,
         vault_uid: str,
         leaf_names: Sequence[str],
         *,
         max_pending_bytes: int,
         reconnect_timeout_s: float,
+        message_bytes: int = codec.DEFAULT_MESSAGE_BYTES,
     ) -> None:
-        self._stub = stub
+        self._append = channel.stream_stream(
+            APPEND_METHOD,
+            request_serializer=codec.serialize_append_request,
+            response_deserializer=vault_pb2.AppendResponse.FromString,
+        )
         self._vault_name = vault_name
         self._vault_uid = vault_uid
         self._leaf_names = list(leaf_names)
         self._max_pending_bytes = max_pending_bytes
         self._reconnect_timeout_s = reconnect_timeout_s
-        self._cond = threading.Condition()
-        self._pending: deque[Chunk] = deque()
-        self._pending_bytes = 0
+        self._message_bytes = message_bytes
+        self._lock = threading.Lock()
+        # One lock, three conditions, so a write wakes only the thread that has work from it.
+        self._cond = threading.Condition(self._lock)  # acks, failures, closing: callers, _run
+        self._outgoing = threading.Condition(self._lock)  # new deltas: the preparing thread
+        self._chunks = threading.Condition(self._lock)  # new chunks: the request generator
+        self._deferred: deque[Outgoing] = deque()  # handed over, not yet encoded
+        self._pending: deque[Chunk] = deque()  # encoded, not yet acknowledged
+        self._pending_bytes = 0  # payload of both queues
         self._next_seq = 0
         self._committed = -1
         self._error: ExpvaultError | None = None
@@ -100,9 +145,12 @@ class Sender:
         self._failures = 0  # failed connection attempts since the last open
         self._closing = False
         self._call: grpc.Call | None = None
-        self._thread = threading.Thread(
-            target=self._run, name=f"expvault-sender-{vault_name}/{vault_uid}", daemon=True
+        name = f"{vault_name}/{vault_uid}"
+        self._preparer = threading.Thread(
+            target=self._prepare, name=f"expvault-prepare-{name}", daemon=True
         )
+        self._thread = threading.Thread(target=self._run, name=f"expvault-send-{name}", daemon=True)
+        self._preparer.start()
         self._thread.start()
 
     # -- caller side ----------------------------------------------------------------------------
@@ -110,29 +158,36 @@ class Sender:
     @property
     def committed(self) -> int:
         """The committed offset last acknowledged by the server (-1 before the first)."""
-        with self._cond:
+        with self._lock:
             return self._committed
 
-    def put(self, parts: Sequence[tuple[int, int, list[bytes]]], *, block: bool = True) -> None:
-        """Queues `(start, num_steps, leaf bytes)` parts; blocks while too much is unacknowledged.
+    def check(self) -> None:
+        """Raises the error the sender failed with, if any.
+
+        Raises:
+            ExpvaultError: the error the server or transport gave, or a failed device copy.
+        """
+        with self._lock:
+            self._raise_error()
+
+    def put(self, outgoing: Outgoing, *, block: bool = True) -> None:
+        """Queues a delta; blocks while too much is unacknowledged.
+
+        An empty queue always takes a delta, however large.
 
         Args:
-            parts: the chunks, in stream order.
+            outgoing: the delta, whose steps may still be on their way from the device.
             block: wait while the queue is full; when False raise `ResourceExhaustedError`.
 
         Raises:
             ExpvaultError: the sender failed earlier (the error the server or transport gave).
             ResourceExhaustedError: the queue is full and not `block`.
         """
-        size = sum(len(b) for _, _, leaves in parts for b in leaves)
-        with self._cond:
-            if not parts:
-                self._raise_error()
-                return
+        with self._lock:
             while (
                 self._error is None
                 and self._pending_bytes > 0
-                and self._pending_bytes + size > self._max_pending_bytes
+                and self._pending_bytes + outgoing.nbytes > self._max_pending_bytes
             ):
                 if not block:
                     raise ResourceExhaustedError(
@@ -142,14 +197,12 @@ class Sender:
                     )
                 self._cond.wait()
             self._raise_error()
-            for start, num_steps, leaves in parts:
-                self._pending.append(Chunk(self._next_seq, start, num_steps, leaves))
-                self._next_seq += 1
-            self._pending_bytes += size
-            self._cond.notify_all()
+            self._deferred.append(outgoing)
+            self._pending_bytes += outgoing.nbytes
+            self._outgoing.notify()
 
     def flush(self, timeout_s: float | None = None) -> int:
-        """Waits until every queued chunk is acknowledged.
+        """Waits until every queued delta is acknowledged.
 
         Returns:
             The committed offset.
@@ -159,12 +212,12 @@ class Sender:
             UnavailableError: `timeout_s` passed first.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._cond:
-            while self._pending and self._error is None:
+        with self._lock:
+            while not self._idle() and self._error is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise UnavailableError(
-                        f"{len(self._pending)} chunks of {self._vault_name}/{self._vault_uid} "
+                        f"{self._pending_bytes} bytes of {self._vault_name}/{self._vault_uid} "
                         f"are still unacknowledged after {timeout_s} s"
                     )
                 self._cond.wait(remaining)
@@ -172,14 +225,14 @@ class Sender:
             return self._committed
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Flushes, ends the Append call, and stops the thread.
+        """Flushes, ends the Append call, and stops the threads.
 
         Raises:
-            ExpvaultError: the sender failed and the failure was not raised before (the thread
-                is stopped anyway).
+            ExpvaultError: the sender failed and the failure was not raised before (the threads
+                are stopped anyway).
         """
         try:
-            with self._cond:
+            with self._lock:
                 reported = self._reported
             try:
                 self.flush(timeout_s)
@@ -187,21 +240,90 @@ class Sender:
                 if not reported:  # raise a failure once, not again on close
                     raise
         finally:
-            with self._cond:
+            with self._lock:
                 self._closing = True
-                self._cond.notify_all()
+                self._notify_all()
                 if self._error is not None and self._call is not None:
                     self._call.cancel()
             self._thread.join(timeout=timeout_s)
+            self._preparer.join(timeout=timeout_s)
+
+    def _idle(self) -> bool:
+        return not self._pending and not self._deferred
+
+    def _notify_all(self) -> None:
+        self._cond.notify_all()
+        self._outgoing.notify_all()
+        self._chunks.notify_all()
 
     def _raise_error(self) -> None:
         if self._error is not None:
             self._reported = True
             raise self._error
 
-    # -- sender thread --------------------------------------------------------------------------
+    def _fail(self, error: ExpvaultError) -> None:
+        """Records the sender's final error (the first one wins); call holding the lock."""
+        if self._error is None:
+            logger.warning("writer of %s/%s failed: %s", self._vault_name, self._vault_uid, error)
+            self._error = error
+        if self._call is not None:
+            self._call.cancel()
+        self._notify_all()
+
+    # -- preparing thread -----------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Moves deltas from the device to encoded chunks, in order, until closed or failed."""
+        while True:
+            with self._lock:
+                while not self._deferred and not self._closing and self._error is None:
+                    self._outgoing.wait()
+                if not self._deferred or self._error is not None:
+                    return
+                outgoing = self._deferred[0]  # stays counted as queued while being encoded
+            try:
+                arrays = outgoing.fetch()
+                chunks = list(codec.append_chunks(outgoing.start, arrays, self._message_bytes))
+            except Exception as e:  # a device or encoding failure: surfaces on the next call
+                error = ExpvaultError(
+                    f"copying steps [{outgoing.start}, {outgoing.stop}) of "
+                    f"{self._vault_name}/{self._vault_uid} to the host failed: {e}"
+                )
+                error.__cause__ = e
+                with self._lock:
+                    self._fail(error)
+                return
+            with self._lock:
+                self._deferred.popleft()
+                for chunk in chunks:
+                    self._pending.append(
+                        Chunk(
+                            self._next_seq,
+                            chunk.start,
+                            chunk.num_steps,
+                            chunk.nbytes,
+                            chunk.request,
+                        )
+                    )
+                    self._next_seq += 1
+                self._chunks.notify_all()
+            del outgoing, arrays, chunks  # release the device and host copies while idle
+
+    # -- sending thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._send()
+        except Exception as e:  # a bug or a closed channel: fail loudly, never die silently
+            error = UnavailableError(
+                f"the writer of {self._vault_name}/{self._vault_uid} stopped: {e!r}"
+            )
+            error.__cause__ = e
+            with self._lock:
+                self._fail(error)
+
+    def _send(self) -> None:
+        """Connects, sends and reconnects until closed (everything acknowledged) or failed."""
         backoff = Backoff(self._reconnect_timeout_s)
         while True:
             connection = _Connection()
@@ -220,10 +342,13 @@ class Sender:
                 error, cause = expvault_error, expvault_error
                 retry = isinstance(error, UnavailableError)
             finally:
-                with self._cond:
+                with self._lock:
                     connection.dead = True
                     self._call = None
-                    self._cond.notify_all()
+                    self._chunks.notify_all()
+            with self._lock:
+                if self._error is not None:
+                    return  # failed elsewhere (the preparing thread); this call was cancelled
             delay = backoff.next_delay() if retry else None
             if delay is None:
                 if retry:
@@ -232,12 +357,8 @@ class Sender:
                         f"for {self._reconnect_timeout_s} s: {error.message}"
                     )
                 error.__cause__ = cause
-                logger.warning(
-                    "writer of %s/%s failed: %s", self._vault_name, self._vault_uid, error
-                )
-                with self._cond:
-                    self._error = error
-                    self._cond.notify_all()
+                with self._lock:
+                    self._fail(error)
                 return
             # One warning per outage; the retries behind it at DEBUG.
             log = logger.warning if self._failures == 0 else logger.debug
@@ -251,18 +372,18 @@ class Sender:
                 delay,
             )
             wake_at = time.monotonic() + delay
-            with self._cond:
-                while not (self._closing and not self._pending):
+            with self._lock:
+                while not (self._closing and self._idle()):
                     remaining = wake_at - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)  # writers notify often: sleep out the delay
+                    self._cond.wait(remaining)
                 else:
                     return
 
     def _connect(self, connection: _Connection, backoff: Backoff) -> None:
-        responses = self._stub.Append(self._requests(connection))
-        with self._cond:
+        responses: Any = self._append(self._requests(connection))
+        with self._lock:
             self._call = responses
         opened = next(responses)
         names = [leaf.name for leaf in opened.structure.leaves]
@@ -270,11 +391,12 @@ class Sender:
             raise StorageError(
                 f"the server's leaf order {names} differs from {self._leaf_names}; reopen the vault"
             )
-        with self._cond:
+        with self._lock:
             self._ack_through(opened.committed_offset)
             connection.next_seq = self._pending[0].seq if self._pending else self._next_seq
             connection.opened = True
             self._cond.notify_all()
+            self._chunks.notify_all()
         logger.debug(
             "writer of %s/%s opened at %d",
             self._vault_name,
@@ -292,14 +414,14 @@ class Sender:
             )
             self._failures = 0
         for ack in responses:
-            with self._cond:
+            with self._lock:
                 if self._pending and self._pending[0].stop == ack.chunk_stop:
                     chunk = self._pending.popleft()
                     self._pending_bytes -= chunk.nbytes
                 self._ack_through(ack.committed_offset)
                 self._cond.notify_all()
-        with self._cond:
-            if not self._closing or self._pending:
+        with self._lock:
+            if not self._closing or not self._idle():
                 raise UnavailableError("the server ended the Append stream early")
 
     def _ack_through(self, committed: int) -> None:
@@ -309,7 +431,7 @@ class Sender:
             chunk = self._pending.popleft()
             self._pending_bytes -= chunk.nbytes
 
-    def _requests(self, connection: _Connection) -> Iterator[vault_pb2.AppendRequest]:
+    def _requests(self, connection: _Connection) -> Iterator[vault_pb2.AppendRequest | bytes]:
         """The request stream of one connection (consumed by a gRPC thread)."""
         yield vault_pb2.AppendRequest(
             open=vault_pb2.AppendOpen(
@@ -317,7 +439,7 @@ class Sender:
             )
         )
         while True:
-            with self._cond:
+            with self._lock:
                 while True:
                     if connection.dead:
                         return
@@ -329,11 +451,7 @@ class Sender:
                             chunk = self._pending[index]
                             connection.next_seq += 1
                             break
-                        if self._closing:
+                        if self._closing and not self._deferred:
                             return  # half-close: the server acknowledges the rest and ends
-                    self._cond.wait()
-            yield vault_pb2.AppendRequest(
-                chunk=vault_pb2.AppendChunk(
-                    start=chunk.start, num_steps=chunk.num_steps, leaves=chunk.leaves
-                )
-            )
+                    self._chunks.wait()
+            yield chunk.request

@@ -9,8 +9,9 @@ call. Protobuf stops at this module and at `remote.py` / `service.py`: the rest 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -21,12 +22,15 @@ from expvault.v1 import vault_pb2
 
 __all__ = [
     "DEFAULT_MESSAGE_BYTES",
+    "EncodedChunk",
+    "append_chunks",
     "decode_arrays",
     "encode_arrays",
     "from_json",
     "leaf_indices",
     "schema_from_proto",
     "schema_to_proto",
+    "serialize_append_request",
     "split_steps",
     "steps_per_message",
     "to_json",
@@ -211,6 +215,104 @@ def split_steps(
     for lo in range(0, total, per_message):
         hi = min(total, lo + per_message)
         yield start + lo, hi - lo, encode_arrays([a[:, lo:hi] for a in arrays])
+
+
+class EncodedChunk(NamedTuple):
+    """One Append chunk, serialized: steps `[start, start + num_steps)` of a stream.
+
+    Attributes:
+        start: stream offset of the first step.
+        num_steps: number of time steps.
+        nbytes: leaf payload bytes (what `max_pending_bytes` counts).
+        request: the serialized `AppendRequest` carrying the `AppendChunk`.
+    """
+
+    start: int
+    num_steps: int
+    nbytes: int
+    request: bytes
+
+
+# Protobuf wire format of `AppendRequest{chunk: AppendChunk{start, num_steps, leaves}}`: a tag is
+# (field number << 3 | wire type), 0 for a varint, 2 for length-delimited bytes.
+_TAG_REQUEST_CHUNK = bytes([2 << 3 | 2])
+_TAG_CHUNK_START = bytes([1 << 3 | 0])
+_TAG_CHUNK_NUM_STEPS = bytes([2 << 3 | 0])
+_TAG_CHUNK_LEAF = bytes([3 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int as a protobuf varint (7 bits per byte, least significant first)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _leaf_bytes(array: np.ndarray[Any, Any]) -> tuple[memoryview, int, int]:
+    """A leaf `(B, n, ...)` as `(its little-endian C-order bytes, B, bytes per step of a row)`.
+
+    No copy when the array is already little-endian and C-contiguous, as gathered deltas are.
+    """
+    wire = _wire_dtype(array.dtype)
+    contiguous = np.ascontiguousarray(array if wire == array.dtype else array.astype(wire))
+    rows = int(contiguous.shape[0])
+    step_bytes = contiguous.itemsize * math.prod(int(d) for d in contiguous.shape[2:])
+    return contiguous.reshape(-1).view(np.uint8).data, rows, step_bytes
+
+
+def append_chunks(
+    start: int,
+    arrays: Sequence[np.ndarray[Any, Any]],
+    message_bytes: int = DEFAULT_MESSAGE_BYTES,
+) -> Iterator[EncodedChunk]:
+    """Splits a delta along time into serialized Append chunks of about `message_bytes`.
+
+    The leaf bytes are copied once, from the arrays straight into each request: the result
+    parses as the `AppendRequest` whose chunk holds `encode_arrays` of the same steps, without
+    going through protobuf objects (building one copies every leaf twice more, and took ~1 ms
+    per 0.5 MB message here).
+
+    Args:
+        start: stream offset of the delta's first step.
+        arrays: one array per leaf, in wire order, each `(B, n, ...)`.
+        message_bytes: target payload per message.
+
+    Yields:
+        One chunk per message, in time order.
+    """
+    leaves = [_leaf_bytes(a) for a in arrays]
+    total = int(arrays[0].shape[1]) if arrays else 0
+    step_bytes = sum(rows * row_step for _, rows, row_step in leaves)
+    per_message = steps_per_message(step_bytes, message_bytes)
+    for lo in range(0, total, per_message):
+        hi = min(total, lo + per_message)
+        body: list[bytes | memoryview] = []
+        if start + lo:
+            body += [_TAG_CHUNK_START, _varint(start + lo)]
+        body += [_TAG_CHUNK_NUM_STEPS, _varint(hi - lo)]
+        nbytes = 0
+        for data, rows, row_step in leaves:
+            size = rows * (hi - lo) * row_step
+            body += [_TAG_CHUNK_LEAF, _varint(size)]
+            if lo == 0 and hi == total:
+                body.append(data)  # the whole leaf: one contiguous run
+            else:  # one run per batch row
+                body.extend(
+                    data[(row * total + lo) * row_step : (row * total + hi) * row_step]
+                    for row in range(rows)
+                )
+            nbytes += size
+        length = sum(len(part) for part in body)
+        request = b"".join([_TAG_REQUEST_CHUNK, _varint(length), *body])
+        yield EncodedChunk(start + lo, hi - lo, nbytes, request)
+
+
+def serialize_append_request(request: vault_pb2.AppendRequest | bytes) -> bytes:
+    """The request serializer of the Append call: messages, or chunks `append_chunks` encoded."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 def to_json(value: Mapping[str, Any] | str | None) -> str:

@@ -2,6 +2,10 @@
 
 `expvault.Vault` and `expvault.RemoteVault` share this: both turn flashbax's
 `write(state, source_interval=(0, 0), dest_start=None)` into `(stream offset, host arrays)`.
+`plan_transfer` only reads the ring position (a few scalars) and dispatches the gather of the new
+steps on the device, so a background thread can wait for the host copy; `plan` waits for it.
+What does not change between writes (the structure check, the leaf order, the layout) is worked
+out once per experience structure.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from expvault.schema import Schema
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeltaWriter", "Planned"]
+__all__ = ["DeltaWriter", "Planned", "PlannedTransfer"]
+
+HostArray = np.ndarray[Any, Any]
+
+# Structures a writer remembers; a writer sees one, a few when its buffer is rebuilt.
+_MAX_STRUCTURES = 8
 
 
 @dataclass(frozen=True)
@@ -27,13 +36,53 @@ class Planned:
     """A planned append: steps `[start, start + n)` of the stream, and the cursor after it."""
 
     start: int
-    arrays: list[np.ndarray[Any, Any]]
+    arrays: list[HostArray]
     cursor: deltas.Cursor
 
     @property
     def num_steps(self) -> int:
         """Number of time steps."""
         return int(self.arrays[0].shape[1])
+
+
+@dataclass(frozen=True)
+class PlannedTransfer:
+    """A planned append whose steps are still on their way to the host.
+
+    Attributes:
+        start: stream offset of the first step.
+        cursor: the writer's cursor once the append is accepted.
+        transfer: the gathered steps (`expvault.delta.Transfer`).
+        to_schema: for each schema leaf, the index of the state's leaf (in `jax.tree` order).
+    """
+
+    start: int
+    cursor: deltas.Cursor
+    transfer: deltas.Transfer
+    to_schema: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        """Number of time steps."""
+        return self.transfer.num_steps
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the steps, all leaves."""
+        return self.transfer.nbytes
+
+    def result(self) -> list[HostArray]:
+        """Waits for the host copy; returns one array `(B, n, ...)` per leaf in schema order."""
+        arrays = self.transfer.result()
+        return [arrays[i] for i in self.to_schema]
+
+
+@dataclass(frozen=True)
+class _Structure:
+    """What a writer keeps per experience structure: checked once, reused by every write."""
+
+    layout: deltas.Layout
+    to_schema: tuple[int, ...]
 
 
 class DeltaWriter:
@@ -50,6 +99,7 @@ class DeltaWriter:
         self._schema = schema
         self._cursor = deltas.Cursor()
         self._resync = False
+        self._structures: dict[Any, _Structure] = {}
         self.next_offset: int | None = None
 
     def plan(
@@ -61,6 +111,30 @@ class DeltaWriter:
         committed: int,
     ) -> Planned | None:
         """Plans the append of a buffer state's new steps without moving the writer.
+
+        The steps are on the host when this returns. Arguments, errors: see `plan_transfer`.
+
+        Returns:
+            The plan, or None when there is nothing new.
+        """
+        planned = self.plan_transfer(state, source_interval, dest_start, committed=committed)
+        if planned is None:
+            return None
+        return Planned(planned.start, planned.result(), planned.cursor)
+
+    def plan_transfer(
+        self,
+        state: Any,
+        source_interval: tuple[int, int] = (0, 0),
+        dest_start: int | None = None,
+        *,
+        committed: int,
+    ) -> PlannedTransfer | None:
+        """Plans the append of a buffer state's new steps and starts their copy to the host.
+
+        Reads the ring position (a few scalars, one small transfer) and dispatches the gather
+        of the new steps; does not wait for them. The state may be donated once this returns.
+        Does not move the writer: call `advance` once the append is accepted.
 
         Args:
             state: a flashbax `TrajectoryBufferState` (or `counted` state): `experience` leaves
@@ -87,10 +161,13 @@ class DeltaWriter:
                 f"`is_full`, got {type(state).__name__}"
             )
         leaves, treedef = jax.tree_util.tree_flatten(experience)
-        self._check_structure(leaves, treedef)
+        structure = self._structure(leaves, treedef)
+        layout = structure.layout
         if tuple(source_interval) == (0, 0):
             try:
-                delta, cursor = deltas.plan_state(self._cursor, state, allow_loss=self._resync)
+                delta, cursor = deltas.plan_state(
+                    self._cursor, state, allow_loss=self._resync, layout=layout
+                )
             except DataLossError:
                 self._resync = True
                 raise
@@ -99,10 +176,11 @@ class DeltaWriter:
                     "skipping %d steps the ring overwrote before they were written", delta.lost
                 )
         else:
-            ring = deltas.ring_length_of(experience)
-            delta = deltas.delta_for_interval(self._cursor, source_interval, ring_length=ring)
+            delta = deltas.delta_for_interval(
+                self._cursor, source_interval, ring_length=layout.ring_length
+            )
             # As flashbax: after an explicit write the whole state counts as received.
-            _, cursor = deltas.plan_state(self._cursor, state, allow_loss=True)
+            _, cursor = deltas.plan_state(self._cursor, state, allow_loss=True, layout=layout)
         if delta.n == 0:
             self._cursor = cursor
             return None
@@ -115,11 +193,10 @@ class DeltaWriter:
             if self.next_offset is None
             else self.next_offset
         )
-        gathered = deltas.gather_delta(experience, delta)
-        arrays = self._schema.flatten(jax.tree_util.tree_unflatten(treedef, gathered))
-        return Planned(start, arrays, cursor)
+        transfer = deltas.start_transfer(leaves, delta, layout)
+        return PlannedTransfer(start, cursor, transfer, structure.to_schema)
 
-    def advance(self, planned: Planned | None) -> None:
+    def advance(self, planned: Planned | PlannedTransfer | None) -> None:
         """Moves the writer past a plan once its append is accepted."""
         if planned is not None:
             self._cursor = planned.cursor
@@ -133,7 +210,7 @@ class DeltaWriter:
         dest_start: int | None = None,
         *,
         committed: int,
-    ) -> tuple[int, list[np.ndarray[Any, Any]]] | None:
+    ) -> tuple[int, list[HostArray]] | None:
         """Plans and advances at once, for writers that retry failed appends themselves.
 
         Returns:
@@ -143,9 +220,31 @@ class DeltaWriter:
         self.advance(planned)
         return None if planned is None else (planned.start, planned.arrays)
 
-    def _check_structure(self, leaves: list[Any], treedef: Any) -> None:
-        """Checks B, leaf names, dtypes and step shapes before anything leaves the device."""
-        got = Schema.from_experience(jax.tree_util.tree_unflatten(treedef, leaves))
+    def _structure(self, leaves: list[Any], treedef: Any) -> _Structure:
+        """Checks B, leaf names, dtypes and step shapes before anything leaves the device.
+
+        The outcome depends only on the tree structure and the leaves' shapes, dtypes and
+        placement, so it is worked out once per structure (the check costs more than the rest
+        of a write's planning).
+        """
+        key = (
+            treedef,
+            tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves),
+        )
+        found = self._structures.get(key)
+        if found is not None:
+            return found
+        experience = jax.tree_util.tree_unflatten(treedef, leaves)
+        got = Schema.from_experience(experience)
         mismatch = self._schema.describe_mismatch(got)
         if mismatch:
             raise SchemaMismatchError(f"the buffer state does not match the vault: {mismatch}")
+        indices = jax.tree_util.tree_unflatten(treedef, list(range(len(leaves))))
+        structure = _Structure(
+            layout=deltas.Layout.of(leaves),
+            to_schema=tuple(int(i) for i in self._schema.flatten(indices)),
+        )
+        if len(self._structures) >= _MAX_STRUCTURES:
+            self._structures.clear()
+        self._structures[key] = structure
+        return structure

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flashbax as fbx
@@ -16,6 +17,7 @@ from expvault.counted import counted
 from expvault.delta import (
     Cursor,
     Delta,
+    Layout,
     _gather_bytes,
     delta_for_interval,
     delta_nbytes,
@@ -25,6 +27,7 @@ from expvault.delta import (
     read_position,
     ring_length_of,
     split_transfer,
+    start_transfer,
     transfer_delta,
 )
 from expvault.errors import DataLossError, InvalidArgumentError
@@ -397,13 +400,19 @@ def test_one_transfer_of_exactly_the_delta() -> None:
     _assert_same(gather_delta(device, delta), _expected(host, delta))
 
 
+def _accelerator_layout(experience: Any) -> Layout:
+    """The layout of leaves on an accelerator: one flat byte transfer (forced here on CPU)."""
+    return dataclasses.replace(Layout.of(experience), on_host_memory=False)
+
+
 def test_differing_starts_reuse_one_compiled_gather() -> None:
     device = {"x": jnp.arange(2 * 11 * 3, dtype=jnp.float32).reshape(2, 11, 3)}
-    gather_delta(device, Delta(0, ((0, 4),)))
+    layout = _accelerator_layout(device)  # the jitted gather of device-resident buffers
+    start_transfer(device, Delta(0, ((0, 4),)), layout).result()
     compiled = _gather_bytes._cache_size()
     for lo in range(1, 11):
         pieces = ((lo, lo + 4),) if lo + 4 <= 11 else ((lo, 11), (0, lo + 4 - 11))
-        got = gather_delta(device, Delta(0, pieces))
+        got = start_transfer(device, Delta(0, pieces), layout).result()
         _assert_same(got, _expected(device, Delta(0, pieces)))
     assert _gather_bytes._cache_size() == compiled
 
@@ -549,3 +558,77 @@ def test_read_position_refuses_batched_states() -> None:
         read_position(states)
     one = jax.tree.map(lambda x: x[1], states)
     assert read_position(one) == (0, False, 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# start_transfer: dispatched without waiting, safe to donate right after
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_start_transfer_matches_numpy(flat: bool) -> None:
+    host = _experience(3, 9, seed=4)
+    device = jax.tree.map(jnp.asarray, host)
+    layout = _accelerator_layout(device) if flat else Layout.of(device)
+    assert Layout.of(device).on_host_memory  # jax on CPU: no transfer to make
+    for delta in (Delta(0, ((2, 7),)), Delta(0, ((6, 9), (0, 4))), Delta(0, ())):
+        transfer = start_transfer(device, delta, layout)
+        assert transfer.num_steps == delta.n
+        assert transfer.nbytes == delta_nbytes(device, delta.n)
+        got = transfer.result()
+        _assert_same(got, _expected(host, delta))
+        assert sum(a.nbytes for a in got) == transfer.nbytes  # the delta, not the ring
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_pending_transfer_survives_donating_the_state(flat: bool) -> None:
+    # The gather is dispatched, then `add` donates and overwrites every slot it read; JAX runs
+    # the donating computation after the pending gather, so the transfer holds the old steps.
+    buffer = _buffer(8)
+    add = jax.jit(buffer.add, donate_argnums=0)
+    state = buffer.init({"t": jnp.int32(0), "obs": jnp.zeros(2)})
+    state = add(state, _steps(0, 6))
+    delta, _ = plan_state(Cursor(), state)
+    layout = _accelerator_layout(state.experience) if flat else None
+    transfers = [start_transfer(state.experience, delta, layout)]
+    donated = state
+    starts = range(6, 6 + 3 * 8, 4)  # three laps of the ring, each write dispatched at once
+    for start in starts:
+        state = add(state, _steps(start, 4))
+        lo = start % 8
+        pieces = ((lo, lo + 4),) if lo + 4 <= 8 else ((lo, 8), (0, lo + 4 - 8))
+        transfers.append(start_transfer(state.experience, Delta(start, pieces), layout))
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(donated.experience))
+    _obs, times = transfers[0].result()
+    np.testing.assert_array_equal(times, np.stack([np.arange(6)] * 2))
+    for start, transfer in zip(starts, transfers[1:], strict=True):
+        np.testing.assert_array_equal(transfer.result()[1][0], np.arange(start, start + 4))
+
+
+def test_host_copies_leave_the_state_donatable() -> None:
+    # No host view of the ring outlives the write, so `add` still donates the ring in place.
+    buffer = _buffer(8)
+    add = jax.jit(buffer.add, donate_argnums=0)
+    state = add(buffer.init({"t": jnp.int32(0), "obs": jnp.zeros(2)}), _steps(0, 5))
+    delta, _ = plan_state(Cursor(), state)
+    transfer = start_transfer(state.experience, delta)
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state.experience)]
+    state = add(state, _steps(5, 2))
+    assert [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state.experience)] == pointers
+    np.testing.assert_array_equal(transfer.result()[1][0], np.arange(5))
+
+
+def test_numpy_experience_is_copied_on_the_host() -> None:
+    host = _experience(2, 6, seed=9)
+    host["big_endian"] = np.arange(12, dtype=">i4").reshape(2, 6)
+    delta = Delta(0, ((4, 6), (0, 3)))
+    got = start_transfer(host, delta).result()
+    _assert_same(got, [a.astype(a.dtype.newbyteorder("<")) for a in _expected(host, delta)])
+
+
+@pytest.mark.parametrize("on_host_memory", [False, True])
+def test_read_position_takes_a_known_layout(on_host_memory: bool) -> None:
+    buffer = counted(_buffer(4))
+    state = jax.jit(buffer.add)(buffer.init({"t": jnp.int32(0), "obs": jnp.zeros(2)}), _steps(0, 3))
+    layout = dataclasses.replace(Layout.of(state.experience), on_host_memory=on_host_memory)
+    assert read_position(state, layout) == (3, False, 4, 3)
+    assert plan_state(Cursor(), state, layout=layout)[0] == Delta(0, ((0, 3),))

@@ -33,6 +33,20 @@ from expvault import (
 )
 
 
+def test_remote_exports() -> None:
+    import expvault.remote
+
+    assert expvault.remote.__all__ == [
+        "Follow",
+        "Followed",
+        "RemoteVault",
+        "SampleIterator",
+        "VaultReader",
+    ]
+    for name in expvault.remote.__all__:
+        assert getattr(expvault.remote, name).__module__.startswith("expvault.")
+
+
 def test_write_then_read_round_trips(server: ServerThread) -> None:
     actor = Actor()
     with RemoteVault(server.target, "v", actor.state.experience, vault_uid="a") as vault:

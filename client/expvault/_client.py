@@ -1,0 +1,193 @@
+"""What `RemoteVault` and `VaultReader` share: a channel with retries, decoding, Read calls.
+
+Protobuf stops here and in `remote.py` / `_reader.py`: the rest of expvault sees `Schema`, numpy
+arrays and flashbax buffer states.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
+
+from expvault import codec
+from expvault._rpc import Backoff, channel_options, error_from_rpc, is_retryable
+from expvault.errors import StorageError
+from expvault.v1 import vault_pb2, vault_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Client", "Decoder", "full_state", "leaf_name", "read_request", "read_streams", "to_jax"]
+
+_Response = TypeVar("_Response")
+
+
+def leaf_name(name: str) -> str:
+    """Accepts `"obs"` for the stored name `"obs."`."""
+    return name if name.endswith(".") else name + "."
+
+
+class Client:
+    """A channel and stub with the error mapping and retries readers and writers share."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        timeout_s: float,
+        reconnect_timeout_s: float,
+        max_message_bytes: int,
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        self.channel = (
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
+        )
+        self.stub = vault_pb2_grpc.VaultServiceStub(self.channel)
+        self.target = target
+        self.timeout_s = timeout_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+
+    def call(
+        self, method: Callable[..., _Response], request: Any, *, retry: bool = True
+    ) -> _Response:
+        """Runs a unary call; retries it while the server is unreachable (idempotent calls only).
+
+        Raises:
+            ExpvaultError: the class the server named, with its message.
+        """
+        backoff = Backoff(self.reconnect_timeout_s)
+        while True:
+            try:
+                return method(request, timeout=self.timeout_s)
+            except grpc.RpcError as rpc_error:
+                delay = backoff.next_delay() if retry and is_retryable(rpc_error) else None
+                if delay is None:
+                    raise error_from_rpc(rpc_error) from rpc_error
+                logger.debug("call to %s failed (%s); retrying", self.target, rpc_error.code())
+                time.sleep(delay)
+
+    def get_vault(self, vault_name: str) -> vault_pb2.VaultInfo:
+        request = vault_pb2.GetVaultRequest(vault_name=vault_name)
+        return self.call(self.stub.GetVault, request).vault
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Decoder:
+    """Turns wire messages of a vault into pytrees of a user's structure."""
+
+    def __init__(self, structure: vault_pb2.Structure, experience_structure: Any) -> None:
+        self.wire = codec.schema_from_proto(structure)
+        self.user = codec.schema_from_proto(structure, experience_structure)
+        self.wire_names = [leaf.name for leaf in self.wire.leaves]
+
+    def selected(self, leaves: Sequence[str] | None) -> list[str]:
+        """Wire-ordered names of the selected leaves (all when `leaves` is None)."""
+        if leaves is None:
+            return list(self.wire_names)
+        names = {leaf_name(n) for n in leaves}
+        return [n for n in self.wire_names if n in names]
+
+    def decode(
+        self, names: Sequence[str], num_steps: int, blobs: Sequence[bytes], rows: int | None = None
+    ) -> list[np.ndarray[Any, Any]]:
+        specs = [self.wire.leaves[self.wire_names.index(n)] for n in names]
+        batch = self.wire.batch_size if rows is None else rows
+        return codec.decode_arrays(specs, batch, num_steps, blobs)
+
+    def tree(self, names: Sequence[str], arrays: Sequence[Any]) -> Any:
+        """The user's pytree from wire-ordered arrays; leaves not in `names` are None."""
+        by_name = dict(zip(names, arrays, strict=True))
+        return self.user.unflatten([by_name.get(leaf.name) for leaf in self.user.leaves])
+
+
+def read_request(
+    vault_name: str,
+    vault_uid: str,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    last_steps: int | None = None,
+    percentiles: tuple[int, int] | None = None,
+    leaves: Sequence[str] = (),
+    follow: bool = False,
+    start_offsets: Mapping[str, int] | None = None,
+) -> vault_pb2.ReadRequest:
+    request = vault_pb2.ReadRequest(
+        vault_name=vault_name,
+        vault_uid=vault_uid,
+        leaves=list(leaves),
+        follow=follow,
+        start_offsets=dict(start_offsets or {}),
+    )
+    if last_steps is not None:
+        request.last_steps = last_steps
+    elif percentiles is not None:
+        request.percentiles.low, request.percentiles.high = percentiles
+    else:
+        request.range.start = start
+        if stop is not None:
+            request.range.stop = stop
+    return request
+
+
+def read_streams(
+    client: Client,
+    request: vault_pb2.ReadRequest,
+    experience_structure: Any,
+    names: Sequence[str] | None,
+) -> tuple[Decoder, dict[str, tuple[int, list[np.ndarray[Any, Any]]]]]:
+    """Runs a (non-follow) Read; returns the decoder and per stream `(start, wire arrays)`."""
+    decoder: Decoder | None = None
+    selected: list[str] = []
+    pieces: dict[str, tuple[int, list[list[np.ndarray[Any, Any]]]]] = {}
+    try:
+        for message in client.stub.Read(request):
+            if decoder is None:
+                decoder = Decoder(message.structure, experience_structure)
+                selected = decoder.selected(names)
+                continue
+            start, parts = pieces.setdefault(message.vault_uid, (message.start, []))
+            if message.num_steps:
+                parts.append(decoder.decode(selected, message.num_steps, list(message.leaves)))
+    except grpc.RpcError as rpc_error:
+        raise error_from_rpc(rpc_error) from rpc_error
+    if decoder is None:
+        raise StorageError("the server ended a Read without its structure")
+    out = {}
+    for uid, (start, parts) in pieces.items():
+        if not parts:
+            empty = decoder.decode(selected, 0, [b""] * len(selected))
+            out[uid] = (start, [np.array(a) for a in empty])
+        elif len(parts) == 1:
+            out[uid] = (start, parts[0])
+        else:
+            out[uid] = (start, [np.concatenate(leaf, axis=1) for leaf in zip(*parts, strict=True)])
+    return decoder, out
+
+
+def to_jax(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.asarray, tree)
+
+
+def full_state(experience: Any) -> TrajectoryBufferState[Any]:
+    """A flashbax state holding `experience` (leaves `(B, T, ...)`) as a full ring.
+
+    The ring starts at position 0, as in what flashbax's `Vault.read` returns.
+    """
+    return TrajectoryBufferState(
+        experience=experience,
+        current_index=jnp.array(0, dtype=int),
+        is_full=jnp.array(True, dtype=bool),
+    )
