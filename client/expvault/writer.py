@@ -10,8 +10,8 @@ out once per experience structure.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ HostArray = np.ndarray[Any, Any]
 _MAX_STRUCTURES = 8
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Planned:
     """A planned append: steps `[start, start + n)` of the stream, and the cursor after it."""
 
@@ -45,7 +45,7 @@ class Planned:
         return int(self.arrays[0].shape[1])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PlannedTransfer:
     """A planned append whose steps are still on their way to the host.
 
@@ -77,7 +77,7 @@ class PlannedTransfer:
         return [arrays[i] for i in self.to_schema]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Structure:
     """What a writer keeps per experience structure: checked once, reused by every write."""
 
@@ -160,13 +160,18 @@ class DeltaWriter:
                 "write() takes a flashbax buffer state with `experience`, `current_index` and "
                 f"`is_full`, got {type(state).__name__}"
             )
+        interval = _check_interval(source_interval)
         leaves, treedef = jax.tree_util.tree_flatten(experience)
         structure = self._structure(leaves, treedef)
         layout = structure.layout
-        if tuple(source_interval) == (0, 0):
+        # Count the cursor in stream offsets, so a DataLossError names the offsets the lost
+        # steps would have had in this stream.
+        offset = committed if self.next_offset is None else self.next_offset
+        here = dataclasses.replace(self._cursor, steps=offset)
+        if interval == (0, 0):
             try:
                 delta, cursor = deltas.plan_state(
-                    self._cursor, state, allow_loss=self._resync, layout=layout
+                    here, state, allow_loss=self._resync, layout=layout
                 )
             except DataLossError:
                 self._resync = True
@@ -176,23 +181,15 @@ class DeltaWriter:
                     "skipping %d steps the ring overwrote before they were written", delta.lost
                 )
         else:
-            delta = deltas.delta_for_interval(
-                self._cursor, source_interval, ring_length=layout.ring_length
-            )
+            delta = deltas.delta_for_interval(here, interval, ring_length=layout.ring_length)
             # As flashbax: after an explicit write the whole state counts as received.
-            _, cursor = deltas.plan_state(self._cursor, state, allow_loss=True, layout=layout)
+            _, cursor = deltas.plan_state(here, state, allow_loss=True, layout=layout)
         if delta.n == 0:
             self._cursor = cursor
             return None
         if dest_start is not None and (isinstance(dest_start, bool) or int(dest_start) < 0):
             raise InvalidArgumentError(f"dest_start must be an offset >= 0, got {dest_start!r}")
-        start = (
-            int(dest_start)
-            if dest_start is not None
-            else committed
-            if self.next_offset is None
-            else self.next_offset
-        )
+        start = int(dest_start) if dest_start is not None else offset
         transfer = deltas.start_transfer(leaves, delta, layout)
         return PlannedTransfer(start, cursor, transfer, structure.to_schema)
 
@@ -248,3 +245,16 @@ class DeltaWriter:
             self._structures.clear()
         self._structures[key] = structure
         return structure
+
+
+def _check_interval(source_interval: Any) -> tuple[int, int]:
+    """Returns flashbax's `source_interval` as two ints; refuses (never truncates) others."""
+    try:
+        a, b = source_interval
+    except (TypeError, ValueError):
+        a = b = None
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (a, b)):
+        raise InvalidArgumentError(
+            f"source_interval must be a pair of ring positions (a, b), got {source_interval!r}"
+        )
+    return int(a), int(b)

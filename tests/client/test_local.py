@@ -125,12 +125,13 @@ def test_counted_buffers_detect_loss_exactly(tmp_path: Path) -> None:
     for i in range(10, 15):
         state = add(state, _step(i))
     assert vault.write(state) == 5
-    # Seven steps into a five-step ring: exactly two lost, named in steps received.
+    # Seven steps into a five-step ring: exactly two lost, named by the stream offsets they
+    # would have had (12 steps are stored: the first loss left no hole in the stream).
     for i in range(15, 22):
         state = add(state, _step(i))
-    with pytest.raises(DataLossError) as info:
+    with pytest.raises(DataLossError, match=r"\[12, 14\)") as info:
         vault.write(state)
-    assert (info.value.lost_start, info.value.lost_stop) == (14, 16)
+    assert (info.value.lost_start, info.value.lost_stop) == (12, 14)
     assert vault.write(state) == 5
     assert _obs_steps(vault) == [1, 2, *range(5, 15), *range(17, 22)]
     vault.close()
@@ -476,3 +477,30 @@ def test_a_vault_opened_before_another_wrote_does_not_overwrite(tmp_path: Path) 
     with Vault("two", rel_dir=str(tmp_path), vault_uid="u") as check:
         assert check.vault_index == 8
         assert np.asarray(check.read().experience["obs"])[0, :, 0].tolist() == [*range(6), 0, 1]
+
+
+def test_data_loss_names_stream_offsets_after_reopening(tmp_path: Path) -> None:
+    buffer = counted(_flat())
+    add = jax.jit(buffer.add, donate_argnums=0)
+    state = buffer.init(TX)
+    for i in range(3):
+        state = add(state, _step(i))
+    with Vault("reopen", state.experience, rel_dir=str(tmp_path), vault_uid="x") as vault:
+        assert vault.write(state) == 3
+    state = buffer.init(TX)  # a new actor appends to the same stream
+    for i in range(7):
+        state = add(state, _step(i))
+    with Vault("reopen", state.experience, rel_dir=str(tmp_path), vault_uid="x") as vault:
+        with pytest.raises(DataLossError, match=r"\[3, 5\)"):
+            vault.write(state)
+        assert vault.write(state) == 5
+        assert vault.vault_index == 8
+
+
+@pytest.mark.parametrize("interval", [None, (1.5, 2), (True, 2), (1,), "ab"])
+def test_malformed_source_intervals_are_refused(tmp_path: Path, interval: object) -> None:
+    state = _filled(3)
+    with Vault("bad", state.experience, rel_dir=str(tmp_path), vault_uid="x") as vault:
+        with pytest.raises(InvalidArgumentError, match="source_interval"):
+            vault.write(state, source_interval=interval)  # type: ignore[arg-type]
+        assert vault.vault_index == 0
