@@ -64,6 +64,19 @@ class Payload:
             done=jnp.zeros((), jnp.bool_),
         )
 
+    def buffer(self) -> Any:
+        """The flashbax trajectory buffer the actors add to: B envs, a ring of `buffer_steps`."""
+        import flashbax as fbx
+
+        return fbx.make_trajectory_buffer(
+            add_batch_size=self.envs,
+            max_length_time_axis=self.buffer_steps,
+            min_length_time_axis=1,
+            sample_batch_size=1,
+            sample_sequence_length=1,
+            period=1,
+        )
+
     def deltas(self, seed: int) -> list[Transition]:
         """Random deltas `(B, delta_steps, ...)` on the device (random: no codec flatters it)."""
         rng = np.random.default_rng(seed)
@@ -113,16 +126,7 @@ def _write_run(
     payload: Payload, make_vault: Callable[[Any, str], Any], root: str, seed: int
 ) -> dict[str, float]:
     """Writes the payload through `make_vault(experience, root)`; times writes and a full read."""
-    import flashbax as fbx
-
-    buffer = fbx.make_trajectory_buffer(
-        add_batch_size=payload.envs,
-        max_length_time_axis=payload.buffer_steps,
-        min_length_time_axis=1,
-        sample_batch_size=1,
-        sample_sequence_length=1,
-        period=1,
-    )
+    buffer = payload.buffer()
     add = jax.jit(buffer.add, donate_argnums=0)
     state = buffer.init(payload.example())
     vault = make_vault(state.experience, root)
@@ -251,18 +255,9 @@ class _RemoteActor:
     """An actor writing the payload through `RemoteVault`; set up (jit, data) before timing."""
 
     def __init__(self, target: str, uid: str, payload: Payload, seed: int) -> None:
-        import flashbax as fbx
-
         from expvault import RemoteVault
 
-        buffer = fbx.make_trajectory_buffer(
-            add_batch_size=payload.envs,
-            max_length_time_axis=payload.buffer_steps,
-            min_length_time_axis=1,
-            sample_batch_size=1,
-            sample_sequence_length=1,
-            period=1,
-        )
+        buffer = payload.buffer()
         self.payload = payload
         self.add = jax.jit(buffer.add, donate_argnums=0)
         self.state = buffer.init(payload.example())
