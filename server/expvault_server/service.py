@@ -549,16 +549,9 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             )
             for lo in range(0, len(windows), per_message):
                 group = windows[lo : lo + per_message]
-                # Window reads wait on storage I/O and decompression: run them side by side.
-                rows = await asyncio.gather(
-                    *(
-                        asyncio.to_thread(
-                            _read_window, streams[i], row, start, request.sequence_length, names
-                        )
-                        for i, row, start in group
-                    )
+                message = await asyncio.to_thread(
+                    _sample_message, streams, group, lo, request.sequence_length, names
                 )
-                message = await asyncio.to_thread(_sample_message, streams, group, lo, rows)
                 if lo == 0:
                     message.structure.CopyFrom(codec.schema_to_proto(schema))
                 yield message
@@ -671,24 +664,33 @@ def _draw_windows(
     return [(int(w), int(r), int(s)) for w, r, s in zip(which, rows, starts, strict=True)]
 
 
-def _read_window(
-    stream: Stream, row: int, start: int, sequence_length: int, names: Sequence[str]
-) -> list[np.ndarray[Any, Any]]:
-    """One window: batch row `row`, steps `[start, start + sequence_length)` (worker thread)."""
-    return [a[row] for a in stream.read(start, start + sequence_length, list(names))]
-
-
 def _sample_message(
     streams: Sequence[Stream],
     windows: Sequence[_Window],
     first: int,
-    rows: Sequence[Sequence[np.ndarray[Any, Any]]],
+    sequence_length: int,
+    names: Sequence[str],
 ) -> vault_pb2.SampleResponse:
-    """Stacks the windows' rows, leaf by leaf, into one message (worker thread)."""
+    """Reads the windows (one batched read per stream) and stacks them into one message.
+
+    Runs in a worker thread.
+    """
+    by_stream: dict[int, list[int]] = {}
+    for position, (which, _, _) in enumerate(windows):
+        by_stream.setdefault(which, []).append(position)
+    leaves: list[np.ndarray[Any, Any]] = []
+    for which, positions in by_stream.items():
+        parts = streams[which].read_windows(
+            [(windows[p][1], windows[p][2]) for p in positions], sequence_length, list(names)
+        )
+        if not leaves:
+            leaves = [np.empty((len(windows), *part.shape[1:]), part.dtype) for part in parts]
+        for leaf, part in zip(leaves, parts, strict=True):
+            leaf[positions] = part
     return vault_pb2.SampleResponse(
         first=first,
         vault_uids=[streams[i].vault_uid for i, _, _ in windows],
         batch_rows=[r for _, r, _ in windows],
         starts=[s for _, _, s in windows],
-        leaves=codec.encode_arrays([np.stack(parts) for parts in zip(*rows, strict=True)]),
+        leaves=codec.encode_arrays(leaves),
     )

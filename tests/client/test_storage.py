@@ -689,3 +689,31 @@ def test_bytes_on_disk_stay_close_to_bytes_appended(tmp_path: Path) -> None:
     # Each chunk is written once: a single rewrite of every chunk would double the size.
     assert in_flight <= 1.2, (in_flight, elapsed)
     assert after_close <= 1.2, (after_close, elapsed)
+
+
+def test_read_windows_returns_single_rows_across_the_log_boundary(store: Store) -> None:
+    stream = _stream(store, chunk_steps=16)
+    _append_pieces(stream, 100)
+    stream.flush()
+    _append_pieces(stream, 141)  # [100, 141): partly a new chunk, partly still in the log
+    materialized = stream.materialized
+    assert 100 <= materialized < 141
+    full = stream.read(0, 141)
+    windows = [(0, 0), (1, materialized - 5), (0, 128), (1, 141 - 12), (0, 90)]
+    got = stream.read_windows(windows, 12)
+    for k, array in enumerate(full):
+        for w, (row, start) in enumerate(windows):
+            np.testing.assert_array_equal(got[k][w], array[row, start : start + 12])
+    picked = stream.read_windows(windows[:2], 12, leaves=[SCHEMA.leaves[0].name])
+    assert len(picked) == 1
+    np.testing.assert_array_equal(picked[0], got[0][:2])
+
+
+@pytest.mark.parametrize(("row", "start"), [(-1, 0), (SCHEMA.batch_size, 0), (0, -1), (0, 30)])
+def test_read_windows_refuses_windows_outside_the_stream(
+    store: Store, row: int, start: int
+) -> None:
+    stream = _stream(store)
+    _append_pieces(stream, 40)
+    with pytest.raises(InvalidArgumentError, match="is outside stream"):
+        stream.read_windows([(row, start)], 12)

@@ -447,6 +447,68 @@ class Stream:
             for i in picked
         ]
 
+    def read_windows(
+        self,
+        windows: Sequence[tuple[int, int]],
+        length: int,
+        leaves: Sequence[str] | None = None,
+    ) -> list[np.ndarray[Any, Any]]:
+        """Reads windows of `length` committed steps of single batch rows, all reads at once.
+
+        Args:
+            windows: `(row, start)` pairs: batch row `row`, steps `[start, start + length)`.
+            length: steps per window, >= 1.
+            leaves: names of the leaves to read (default all), returned in schema order.
+
+        Returns:
+            One array per selected leaf, `(len(windows), length, ...)`, windows in order.
+
+        Raises:
+            InvalidArgumentError: a row outside `[0, B)`, or a window outside the committed steps.
+        """
+        with self._lock:
+            committed, materialized, segments = (
+                self._length,
+                self._materialized,
+                list(self._segments),
+            )
+        picked = self._pick(leaves)
+        for row, start in windows:
+            if not (0 <= row < self.schema.batch_size and 0 <= start <= committed - length):
+                raise InvalidArgumentError(
+                    f"window of row {row}, steps [{start}, {start + length}) is outside stream "
+                    f"{self.vault_name}/{self.vault_uid}: B={self.schema.batch_size}, "
+                    f"{committed} committed steps"
+                )
+        out = [
+            np.empty(
+                (len(windows), length, *self.schema.leaves[i].step_shape),
+                self.schema.leaves[i].dtype,
+            )
+            for i in picked
+        ]
+        pending = []
+        for w, (row, start) in enumerate(windows):
+            stop, mid = start + length, min(start + length, materialized)
+            if mid > start:  # the materialized part: tensorstore reads all of them concurrently
+                pending += [
+                    (out[k], w, mid - start, self._arrays[i][row, start:mid].read())
+                    for k, i in enumerate(picked)
+                ]
+            for seg in segments:  # the part still in the log
+                lo, hi = max(start, materialized, seg.start), min(stop, seg.stop)
+                if lo < hi:
+                    for k, i in enumerate(picked):
+                        out[k][w, lo - start : hi - start] = seg.arrays[i][
+                            row, lo - seg.start : hi - seg.start
+                        ]
+        try:
+            for array, w, n, future in pending:
+                array[w, :n] = future.result()
+        except Exception as e:
+            raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
+        return out
+
     def _pick(self, leaves: Sequence[str] | None) -> list[int]:
         names = [leaf.name for leaf in self.schema.leaves]
         if leaves is None:
