@@ -390,7 +390,8 @@ def _summary(settings: DemoSettings, progress: _Progress, out: Any) -> bool:
         root = settings.root.absolute()
         print(
             f"the vault lives in {root / settings.vault_name}\n"
-            f"  inspect it:  expvault serve --root {root} &  expvault info {settings.vault_name}\n"
+            f"  inspect it:  expvault serve --root {root}   (then, in another shell)  "
+            f"expvault info {settings.vault_name}\n"
             f"  with flashbax: flashbax.vault.Vault({settings.vault_name!r}, rel_dir={str(root)!r},"
             f" vault_uid='actor-0').read()",
             file=out,
