@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing as mp
 import queue
 import sys
@@ -269,7 +270,8 @@ def run_demo(settings: DemoSettings, *, out: Any = sys.stdout) -> bool:
         matching checksums.
     """
     if not settings.vault_name:
-        settings = _replace(settings, vault_name=datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
+        name = datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+        settings = dataclasses.replace(settings, vault_name=name)
     live = hasattr(out, "isatty") and out.isatty()
     with contextlib.ExitStack() as stack:
         target = settings.target or stack.enter_context(_embedded_server(settings.root))
@@ -333,7 +335,6 @@ def _run_processes(settings: DemoSettings, target: str, out: Any, live: bool) ->
                 p.kill()
     if live:
         print(file=out)
-    progress.rate = {a: r for a, r in progress.rate.items()}
     print(f"finished in {time.perf_counter() - started:.1f} s", file=out)
     return progress
 
@@ -397,12 +398,6 @@ def _summary(settings: DemoSettings, progress: _Progress, out: Any) -> bool:
             file=out,
         )
     return ok
-
-
-def _replace(settings: DemoSettings, **changes: Any) -> DemoSettings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
