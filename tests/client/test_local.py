@@ -504,3 +504,12 @@ def test_malformed_source_intervals_are_refused(tmp_path: Path, interval: object
         with pytest.raises(InvalidArgumentError, match="source_interval"):
             vault.write(state, source_interval=interval)  # type: ignore[arg-type]
         assert vault.vault_index == 0
+
+
+def test_a_root_path_with_url_characters_works(tmp_path: Path) -> None:
+    state = _filled(3)
+    root = tmp_path / "my vaults #1?"
+    with Vault("v", state.experience, rel_dir=str(root), vault_uid="u") as vault:
+        assert vault.write(state) == 3
+    with Vault("v", rel_dir=str(root), vault_uid="u") as vault:
+        assert vault.vault_index == 3

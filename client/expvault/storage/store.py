@@ -406,7 +406,8 @@ def _spec(
     base: Path, name: str, *, create: bool = False, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The tensorstore spec of array `name` in the OCDBT database of the stream at `base`."""
-    kvstore: dict[str, Any] = {"driver": "ocdbt", "base": f"file://{base}/", "path": name}
+    base_store = {"driver": "file", "path": f"{base}/"}  # a dict: paths may hold any character
+    kvstore: dict[str, Any] = {"driver": "ocdbt", "base": base_store, "path": name}
     if create:
         kvstore["config"] = _OCDBT_CONFIG
     spec: dict[str, Any] = {"driver": "zarr", "kvstore": kvstore}
