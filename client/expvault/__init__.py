@@ -18,7 +18,7 @@ from expvault.errors import (
     UnavailableError,
 )
 from expvault.local import Vault
-from expvault.remote import RemoteVault, VaultReader
+from expvault.remote import Follow, Followed, RemoteVault, SampleIterator, VaultReader
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,8 @@ __all__ = [
     "AlreadyExistsError",
     "DataLossError",
     "ExpvaultError",
+    "Follow",
+    "Followed",
     "InvalidArgumentError",
     "InvalidNameError",
     "NotFoundError",
@@ -33,6 +35,7 @@ __all__ = [
     "PermissionDeniedError",
     "RemoteVault",
     "ResourceExhaustedError",
+    "SampleIterator",
     "SchemaMismatchError",
     "StorageError",
     "StreamBusyError",
