@@ -111,23 +111,12 @@ def _insert(tree: dict[str, Any], key: tuple[str, ...], value: Any, name: str) -
 
 
 def leaf_indices(schema: Schema, names: Sequence[str]) -> list[int]:
-    """Returns the schema positions of leaves named `names`, in schema order.
-
-    Args:
-        schema: the schema.
-        names: leaf names (`"obs."`); empty selects every leaf.
+    """The schema positions of the leaves a request names; an empty list selects every leaf.
 
     Raises:
         InvalidArgumentError: an unknown name (the message lists the vault's leaves).
     """
-    all_names = [leaf.name for leaf in schema.leaves]
-    if not names:
-        return list(range(len(all_names)))
-    unknown = sorted(set(names) - set(all_names))
-    if unknown:
-        raise InvalidArgumentError(f"unknown leaves {unknown}; the vault has {all_names}")
-    wanted = set(names)
-    return [i for i, name in enumerate(all_names) if name in wanted]
+    return schema.leaf_indices(list(names) or None)
 
 
 def _wire_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:

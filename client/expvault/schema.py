@@ -289,6 +289,24 @@ class Schema:
             raise SchemaMismatchError(f"leaves disagree on the number of steps: {sorted(steps)}")
         return steps.pop()
 
+    def leaf_indices(self, names: Sequence[str] | None) -> list[int]:
+        """Returns the schema positions of the named leaves, in schema order.
+
+        Args:
+            names: leaf names (`"obs."`); None selects every leaf.
+
+        Raises:
+            InvalidArgumentError: an unknown name (the message lists the vault's leaves).
+        """
+        all_names = [leaf.name for leaf in self.leaves]
+        if names is None:
+            return list(range(len(all_names)))
+        unknown = sorted(set(names) - set(all_names))
+        if unknown:
+            raise InvalidArgumentError(f"unknown leaves {unknown}; the vault has {all_names}")
+        wanted = set(names)
+        return [i for i, name in enumerate(all_names) if name in wanted]
+
     def flatten(self, tree: Any) -> list[Any]:
         """Returns `tree`'s leaves in schema order, matching them by name.
 

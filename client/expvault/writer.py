@@ -200,23 +200,6 @@ class DeltaWriter:
             self.next_offset = planned.start + planned.num_steps
             self._resync = False
 
-    def take(
-        self,
-        state: Any,
-        source_interval: tuple[int, int] = (0, 0),
-        dest_start: int | None = None,
-        *,
-        committed: int,
-    ) -> tuple[int, list[HostArray]] | None:
-        """Plans and advances at once, for writers that retry failed appends themselves.
-
-        Returns:
-            `(stream offset, arrays in schema order)`, or None when there is nothing new.
-        """
-        planned = self.plan(state, source_interval, dest_start, committed=committed)
-        self.advance(planned)
-        return None if planned is None else (planned.start, planned.arrays)
-
     def _structure(self, leaves: list[Any], treedef: Any) -> _Structure:
         """Checks B, leaf names, dtypes and step shapes before anything leaves the device.
 

@@ -417,7 +417,7 @@ class Stream:
                 f"read range [{start}, {stop}) is invalid for stream {self.vault_name}/"
                 f"{self.vault_uid} of {length} committed steps: need 0 <= start <= stop <= {length}"
             )
-        picked = self._pick(leaves)
+        picked = self.schema.leaf_indices(leaves)
         from_arrays = (start, min(stop, materialized))
         futures = (
             [self._arrays[i][:, from_arrays[0] : from_arrays[1]].read() for i in picked]
@@ -472,7 +472,7 @@ class Stream:
                 self._materialized,
                 list(self._segments),
             )
-        picked = self._pick(leaves)
+        picked = self.schema.leaf_indices(leaves)
         for row, start in windows:
             if not (0 <= row < self.schema.batch_size and 0 <= start <= committed - length):
                 raise InvalidArgumentError(
@@ -508,16 +508,6 @@ class Stream:
         except Exception as e:
             raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
         return out
-
-    def _pick(self, leaves: Sequence[str] | None) -> list[int]:
-        names = [leaf.name for leaf in self.schema.leaves]
-        if leaves is None:
-            return list(range(len(names)))
-        unknown = sorted(set(leaves) - set(names))
-        if unknown:
-            raise InvalidArgumentError(f"unknown leaves {unknown}; the vault has {names}")
-        wanted = set(leaves)
-        return [i for i, name in enumerate(names) if name in wanted]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
