@@ -11,6 +11,12 @@ so nothing is lost or duplicated.
 
 The queue is bounded in payload bytes: deltas not yet on the host count as much as encoded
 chunks, from `put` until their acknowledgement.
+
+A failure that may pass (the server's disk is full, or the server stayed away longer than
+`reconnect_timeout_s`) is raised once by the next call (`put`, `flush`, `check`); the queued
+steps stay queued, and the sender tries again after that, so an actor that catches the error and
+writes or flushes later loses nothing. Other failures (a refused offset, a schema mismatch) are
+final: every later call raises them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from expvault.v1 import vault_pb2
 logger = logging.getLogger(__name__)
 
 __all__ = ["APPEND_METHOD", "Chunk", "Outgoing", "Sender"]
+
+# Failures that may pass: a full disk on the server (or another capacity limit), a server away
+# for longer than `reconnect_timeout_s`.
+_MAY_PASS = (ResourceExhaustedError, UnavailableError)
 
 APPEND_METHOD = "/{}/{}".format(
     vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name, "Append"
@@ -106,6 +116,8 @@ class Sender:
         max_pending_bytes: unacknowledged payload bytes above which `put` blocks (backpressure).
         reconnect_timeout_s: how long to keep reconnecting before failing.
         message_bytes: payload per Append message (deltas are split along time).
+        start_offset: the stream's length when this writer read it; a first open that finds
+            more steps fails with `StreamBusyError` (another writer appended in between).
     """
 
     def __init__(
@@ -118,6 +130,7 @@ class Sender:
         max_pending_bytes: int,
         reconnect_timeout_s: float,
         message_bytes: int = codec.DEFAULT_MESSAGE_BYTES,
+        start_offset: int = 0,
     ) -> None:
         self._append = channel.stream_stream(
             APPEND_METHOD,
@@ -130,6 +143,7 @@ class Sender:
         self._max_pending_bytes = max_pending_bytes
         self._reconnect_timeout_s = reconnect_timeout_s
         self._message_bytes = message_bytes
+        self._start_offset = start_offset
         self._lock = threading.Lock()
         # One lock, three conditions, so a write wakes only the thread that has work from it.
         self._cond = threading.Condition(self._lock)  # acks, failures, closing: callers, _run
@@ -142,6 +156,8 @@ class Sender:
         self._committed = -1
         self._error: ExpvaultError | None = None
         self._reported = False
+        self._notice: ExpvaultError | None = None  # a failure that may pass, raised once
+        self._paused = False  # since a notice was raised: the sender waits for the next call
         self._failures = 0  # failed connection attempts since the last open
         self._closing = False
         self._call: grpc.Call | None = None
@@ -184,8 +200,11 @@ class Sender:
             ResourceExhaustedError: the queue is full and not `block`.
         """
         with self._lock:
+            if self._notice is None:
+                self._resume()  # after a raised notice, this call sends the queue again
             while (
                 self._error is None
+                and self._notice is None
                 and self._pending_bytes > 0
                 and self._pending_bytes + outgoing.nbytes > self._max_pending_bytes
             ):
@@ -213,7 +232,9 @@ class Sender:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
-            while not self._idle() and self._error is None:
+            if self._notice is None:
+                self._resume()
+            while not self._idle() and self._error is None and self._notice is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise UnavailableError(
@@ -257,9 +278,44 @@ class Sender:
         self._chunks.notify_all()
 
     def _raise_error(self) -> None:
+        """Raises the final error, or once a failure that may pass (call holding the lock)."""
         if self._error is not None:
             self._reported = True
             raise self._error
+        if self._notice is not None:
+            notice, self._notice = self._notice, None
+            self._paused = True  # until the next put or flush: retrying now would fail again
+            raise notice
+
+    def _resume(self) -> None:
+        """Lets a sender paused by a raised notice try again (call holding the lock)."""
+        if self._paused:
+            self._paused = False
+            self._cond.notify_all()
+
+    def _pause(self, error: ExpvaultError) -> bool:
+        """Hands a failure that may pass to the caller; waits until raised and called again.
+
+        Returns:
+            True to try again; False when the sender is closing (the failure becomes final).
+        """
+        with self._lock:
+            logger.warning(
+                "writer of %s/%s: %s; the queued steps are kept and sent again after the next call",
+                self._vault_name,
+                self._vault_uid,
+                error.message,
+            )
+            self._notice = error
+            self._notify_all()
+            while (self._notice is not None or self._paused) and not self._closing:
+                self._cond.wait()
+            if not self._closing:
+                return True
+            reported, self._notice = self._notice is None, None
+            self._fail(error)
+            self._reported = self._reported or reported
+            return False
 
     def _fail(self, error: ExpvaultError) -> None:
         """Records the sender's final error (the first one wins); call holding the lock."""
@@ -357,6 +413,11 @@ class Sender:
                         f"for {self._reconnect_timeout_s} s: {error.message}"
                     )
                 error.__cause__ = cause
+                if isinstance(error, _MAY_PASS):
+                    if not self._pause(error):
+                        return
+                    backoff.reset()
+                    continue
                 with self._lock:
                     self._fail(error)
                 return
@@ -392,6 +453,15 @@ class Sender:
                 f"the server's leaf order {names} differs from {self._leaf_names}; reopen the vault"
             )
         with self._lock:
+            if self._committed < 0 and opened.committed_offset > self._start_offset:
+                # Steps this writer did not send: acking them would drop its own as duplicates.
+                raise StreamBusyError(
+                    f"stream {self._vault_name}/{self._vault_uid} holds "
+                    f"{opened.committed_offset} steps, but this writer started from "
+                    f"{self._start_offset}: another writer appended in between; open a new "
+                    "RemoteVault to resume after its steps",
+                    metadata={"committed_offset": str(opened.committed_offset)},
+                )
             self._ack_through(opened.committed_offset)
             connection.next_seq = self._pending[0].seq if self._pending else self._next_seq
             connection.opened = True

@@ -69,13 +69,18 @@ class RemoteVault:
             raises `ResourceExhaustedError` at once (False).
         message_bytes: payload per Append message (deltas are split along time).
         max_message_bytes: the channel's message limit (the server's must be as large).
-        credentials: TLS credentials; None for a plaintext channel.
+        credentials: TLS credentials, e.g. `expvault.tls_credentials(ca="ca.pem")`; None for a
+            plaintext channel.
+        token: bearer token sent with every call, for servers started with `--token-file`
+            (needs scope `write` to write, `read` to read); None for none.
 
     Raises:
         NotFoundError: the vault does not exist and no `experience_structure` was given.
         AlreadyExistsError: it exists with another structure.
         SchemaMismatchError: `experience_structure` differs from the vault's.
         UnavailableError: the server cannot be reached.
+        UnauthenticatedError: the server needs a token (`token=`) and got none or a bad one.
+        PermissionDeniedError: the token lacks the `write` scope.
     """
 
     def __init__(
@@ -94,10 +99,12 @@ class RemoteVault:
         message_bytes: int = codec.DEFAULT_MESSAGE_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self._client = Client(
             target,
             credentials=credentials,
+            token=token,
             timeout_s=timeout_s,
             reconnect_timeout_s=reconnect_timeout_s,
             max_message_bytes=max_message_bytes,
@@ -231,6 +238,7 @@ class RemoteVault:
                 max_pending_bytes=self._max_pending_bytes,
                 reconnect_timeout_s=self._client.reconnect_timeout_s,
                 message_bytes=self._message_bytes,
+                start_offset=self._initial_length,
             )
         return self._sender
 

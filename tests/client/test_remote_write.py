@@ -21,6 +21,7 @@ from expvault import (
     RemoteVault,
     ResourceExhaustedError,
     SchemaMismatchError,
+    StreamBusyError,
     VaultReader,
     codec,
     counted,
@@ -245,3 +246,20 @@ def test_non_blocking_writes_queue_while_the_server_is_away(
     assert vault.flush() == 22
     assert_experience(vault.read().experience, 0, 22)
     vault.close()
+
+
+def test_a_writer_refuses_to_resume_over_steps_another_writer_appended(
+    server: ServerThread,
+) -> None:
+    """A second writer of a stream opened before the first one's last steps committed must not
+    treat its own new steps as resends of those (the server acks duplicates without writing)."""
+    first = DonatingActor()
+    with RemoteVault(server.target, "v", first.state.experience, vault_uid="a") as vault:
+        vault.write(first.add(4))
+        late = RemoteVault(server.target, "v", vault_uid="a")  # reads length 4; opens lazily
+        vault.write(first.add(3))
+    second = DonatingActor()
+    with late, pytest.raises(StreamBusyError, match=r"holds 7 steps.*started from 4"):
+        late.write(second.add(2))
+    with VaultReader(server.target, "v", structure()) as reader:
+        assert_experience(reader.read(vault_uid="a"), 0, 7)

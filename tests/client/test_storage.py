@@ -717,3 +717,48 @@ def test_read_windows_refuses_windows_outside_the_stream(
     _append_pieces(stream, 40)
     with pytest.raises(InvalidArgumentError, match="is outside stream"):
         stream.read_windows([(row, start)], 12)
+
+
+def test_overlapping_log_segments_load_each_step_once(tmp_path: Path) -> None:
+    # A segment renamed into place whose append then failed (directory fsync) is removed, but
+    # one left by an older version would overlap the retry's; loading keeps each step once.
+    from expvault.storage import files
+
+    store = Store(tmp_path / "root")
+    stream = _stream(store, chunk_steps=64)
+    stream.append(0, expected(0, 5))
+    path = stream.path
+    store.close()
+    files.write_segment(path, files.Segment(3, tuple(expected(3, 9))))
+    reopened = Store(tmp_path / "root")
+    try:
+        again = reopened.open_stream("v", "u")
+        assert again.length == 9
+        _assert_equal(again.read(0, 9), expected(0, 9))
+        assert again.append(9, expected(9, 12)) == 12
+        _assert_equal(again.read(0, 12), expected(0, 12))
+    finally:
+        reopened.close()
+
+
+def test_a_stream_without_metadata_is_reported_not_hidden(store: Store) -> None:
+    stream = _stream(store)
+    stream.append(0, expected(0, 4))
+    other = store.open_stream("v", "ok", create=True)
+    other.append(0, expected(0, 2))
+    store.close()
+    (stream.path / "metadata.json").unlink()
+    fresh = Store(store.root)
+    try:
+        assert fresh.list_vaults() == ["v"]
+        info = fresh.get_vault("v")
+        assert [s.vault_uid for s in info.streams] == ["ok"]
+        assert [uid for uid, _ in info.damaged] == ["u"]
+        report = info.damage_report()
+        assert "stream 'u'" in report
+        assert "metadata.json" in report
+        assert "missing" in report
+        with pytest.raises(StorageError, match="missing"):
+            fresh.open_stream("v", "u", create=True)  # never recreated over the data
+    finally:
+        fresh.close()

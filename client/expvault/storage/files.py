@@ -53,11 +53,60 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def os_error(action: str, error: OSError) -> StorageError | ResourceExhaustedError:
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# tensorstore reports an OSError as a ValueError whose text ends with the errno.
+_TS_OS_ERROR = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether an error of the file system or of tensorstore means "no space left" (or quota)."""
+    if isinstance(error, OSError):
+        return error.errno in _FULL_ERRNOS
+    match = _TS_OS_ERROR.search(str(error))
+    return match is not None and int(match.group(1)) in _FULL_ERRNOS
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes a process may still write on the file system of `path` (None: unknown)."""
+    for candidate in (path, *path.parents):
+        try:
+            stat = os.statvfs(candidate)
+        except OSError:
+            continue
+        return stat.f_bavail * stat.f_frsize
+    return None
+
+
+def storage_error(
+    action: str, error: BaseException, path: Path
+) -> StorageError | ResourceExhaustedError:
+    """Turns a failure of the file system or of tensorstore into the error a client should see.
+
+    A full disk (or quota) is a capacity limit, `ResourceExhaustedError`, naming `path` and the
+    space left so an operator knows what to free; anything else is a `StorageError`.
+
+    Args:
+        action: what failed, e.g. "cannot write to /root/v/u".
+        error: the `OSError`, or tensorstore's `ValueError`.
+        path: the storage root (or the directory written), whose free space is reported.
+    """
+    if is_storage_full(error):
+        free = free_bytes(path)
+        left = "unknown" if free is None else f"{free} bytes"
+        return ResourceExhaustedError(
+            f"{action}: the storage under {path} is full (free: {left}); free space or move the "
+            "root to a larger disk, then retry (committed data is intact)"
+        )
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return StorageError(f"{action}: {text}")
+
+
+def os_error(
+    action: str, error: OSError, path: Path | None = None
+) -> StorageError | ResourceExhaustedError:
     """Turns an OSError into the error a client should see (disk full is a capacity limit)."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return ResourceExhaustedError(f"{action}: the storage is full ({error.strerror})")
-    return StorageError(f"{action}: {error.strerror or error}")
+    where = path if path is not None else Path(error.filename or ".")
+    return storage_error(action, error, where)
 
 
 def fsync_dir(path: Path) -> None:
@@ -149,10 +198,15 @@ def write_segment(stream_dir: Path, segment: Segment) -> None:
     for v in views:
         crc = zlib.crc32(v, crc)
     (stream_dir / WAL_DIR).mkdir(exist_ok=True)
-    write_durably(
-        _segment_path(stream_dir, segment.start, segment.stop),
-        [header, *views, struct.pack("<I", crc)],
-    )
+    path = _segment_path(stream_dir, segment.start, segment.stop)
+    try:
+        write_durably(path, [header, *views, struct.pack("<I", crc)])
+    except BaseException:
+        # Renamed but not made durable (the directory fsync failed): not acknowledged, so take
+        # it back rather than leave a segment that a later append at this offset overlaps.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
 
 
 def segment_files(stream_dir: Path) -> Iterator[tuple[int, int, Path]]:

@@ -43,6 +43,7 @@ _FLASHBAX_KEYS = ("version", "structure_shape", "structure_dtype")
 _EXPVAULT_KEY = "expvault"
 _TARGET_CHUNK_BYTES = 1 << 20
 _OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}  # keeps per-commit cost flat as data grows
+_OCDBT_MANIFEST = "manifest.ocdbt"
 
 COMPRESSION_PRESETS: dict[str, dict[str, Any] | None] = {
     "lz4": {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1},
@@ -98,7 +99,11 @@ class StreamInfo:
 
 @dataclass(frozen=True)
 class VaultInfo:
-    """A vault: its structure, user metadata, storage settings and streams."""
+    """A vault: its structure, user metadata, storage settings and streams.
+
+    `damaged` lists the streams that cannot be opened, `(vault_uid, what is wrong)`; they are
+    not in `streams`, and the others stay readable and writable.
+    """
 
     vault_name: str
     schema: Schema
@@ -106,6 +111,18 @@ class VaultInfo:
     compression: dict[str, Any] | None
     chunk_steps: int
     streams: tuple[StreamInfo, ...]
+    damaged: tuple[tuple[str, str], ...] = ()
+
+    def damage_report(self) -> str:
+        """What is wrong with the damaged streams, and what to do; "" when none is."""
+        if not self.damaged:
+            return ""
+        problems = "; ".join(f"stream {uid!r}: {what}" for uid, what in self.damaged)
+        return (
+            f"vault {self.vault_name!r} has {len(self.damaged)} damaged stream(s): {problems}. "
+            "Restore them from a backup, or move their directories out of the root; the other "
+            f"{len(self.streams)} stream(s) are served as usual"
+        )
 
 
 class Store:
@@ -186,7 +203,7 @@ class Store:
                 files.write_json(vault_dir / VAULT_FILE, document)
                 files.fsync_dir(self.root)
             except OSError as e:
-                raise files.os_error(f"cannot create vault {vault_name!r}", e) from e
+                raise files.os_error(f"cannot create vault {vault_name!r}", e, self.root) from e
             logger.info("created vault %s", vault_name)
             return self.get_vault(vault_name), True
 
@@ -201,27 +218,48 @@ class Store:
         uids = self.list_streams(vault_name)
         if (vault_dir / VAULT_FILE).exists():
             doc = files.read_json(vault_dir / VAULT_FILE)
-            schema = Schema.from_metadata(doc["structure_shape"], doc["structure_dtype"])
-            compression, chunk_steps = doc.get("compression"), int(doc["chunk_steps"])
-            user = dict(doc.get("metadata") or {})
-        elif uids:
+            try:
+                schema = Schema.from_metadata(doc["structure_shape"], doc["structure_dtype"])
+                compression, chunk_steps = doc.get("compression"), int(doc["chunk_steps"])
+                user = dict(doc.get("metadata") or {})
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StorageError(
+                    f"{vault_dir / VAULT_FILE} is malformed ({type(e).__name__}: {e}); restore "
+                    "it from a backup (it records the vault's structure)"
+                ) from e
+        elif any((vault_dir / uid / METADATA_FILE).exists() for uid in uids):
             # A vault flashbax wrote: its first stream describes it.
-            meta = files.read_json(vault_dir / uids[0] / METADATA_FILE)
-            schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
+            first = next(uid for uid in uids if (vault_dir / uid / METADATA_FILE).exists())
+            meta = files.read_json(vault_dir / first / METADATA_FILE)
+            try:
+                schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise StorageError(
+                    f"{vault_dir / first / METADATA_FILE} is malformed ({type(e).__name__}: {e})"
+                ) from e
             user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
             compression, chunk_steps = None, 0
+        elif uids:
+            raise StorageError(
+                f"vault {vault_name!r} at {vault_dir} has neither {VAULT_FILE} nor a stream with "
+                f"{METADATA_FILE}: its structure is lost; restore them from a backup"
+            )
         else:
             raise NotFoundError(f"vault {vault_name!r} not found")
         streams = []
+        damaged = []
         for uid in uids:
             try:
                 stream = self.open_stream(vault_name, uid)
+                size = stream.bytes_on_disk() if with_sizes else 0
             except ExpvaultError as e:
                 logger.warning("vault %s: stream %s cannot be opened: %s", vault_name, uid, e)
+                damaged.append((uid, e.message))
                 continue
-            size = stream.bytes_on_disk() if with_sizes else 0
             streams.append(StreamInfo(uid, stream.length, size))
-        return VaultInfo(vault_name, schema, user, compression, chunk_steps, tuple(streams))
+        return VaultInfo(
+            vault_name, schema, user, compression, chunk_steps, tuple(streams), tuple(damaged)
+        )
 
     def list_vaults(self) -> list[str]:
         """Returns the names of the vaults under the root, sorted."""
@@ -237,14 +275,21 @@ class Store:
         return names
 
     def list_streams(self, vault_name: str) -> list[str]:
-        """Returns the uids of a vault's streams, sorted (empty when the vault has none)."""
+        """Returns the uids of a vault's streams, sorted (empty when the vault has none).
+
+        A stream directory that lost its `metadata.json` but holds data is listed too, so that
+        opening it reports the damage instead of the stream vanishing.
+        """
         vault_dir = self.root / files.check_name("vault_name", vault_name)
         try:
             entries = sorted(os.listdir(vault_dir))
         except FileNotFoundError:
             return []
         return [
-            e for e in entries if not e.startswith(".") and (vault_dir / e / METADATA_FILE).exists()
+            e
+            for e in entries
+            if not e.startswith(".")
+            and any((vault_dir / e / name).exists() for name in (METADATA_FILE, _OCDBT_MANIFEST))
         ]
 
     def delete_vault(self, vault_name: str) -> None:
@@ -282,6 +327,12 @@ class Store:
                 return self._streams[key]
             path = self.root / vault_name / vault_uid
             if not (path / METADATA_FILE).exists():
+                if (path / _OCDBT_MANIFEST).exists():
+                    raise StorageError(
+                        f"stream {vault_name}/{vault_uid} has data but its {METADATA_FILE} is "
+                        f"missing ({path / METADATA_FILE}); restore it from a backup, or move "
+                        f"{path} out of the root"
+                    )
                 if not create:
                     raise NotFoundError(f"stream {vault_name}/{vault_uid} not found")
                 self._create_stream(vault_name, vault_uid)
@@ -343,10 +394,14 @@ class Store:
                 raise StorageError(
                     f"stream {vault_name}/{vault_uid} was created concurrently"
                 ) from e
-            raise files.os_error(f"cannot create stream {vault_name}/{vault_uid}", e) from e
-        except ValueError as e:
+            raise files.os_error(
+                f"cannot create stream {vault_name}/{vault_uid}", e, self.root
+            ) from e
+        except ValueError as e:  # tensorstore's errors, a full disk included
             shutil.rmtree(staging, ignore_errors=True)
-            raise StorageError(f"cannot create stream {vault_name}/{vault_uid}: {e}") from e
+            raise files.storage_error(
+                f"cannot create stream {vault_name}/{vault_uid}", e, self.root
+            ) from e
         logger.info("created stream %s/%s", vault_name, vault_uid)
 
     def _open(self, vault_name: str, vault_uid: str) -> Stream:
@@ -371,7 +426,9 @@ class Store:
             ]
             index = ts.open(_spec(path, "vault_index"), context=self._context).result()
         except ValueError as e:
-            raise StorageError(f"cannot open the arrays of {vault_name}/{vault_uid}: {e}") from e
+            raise StorageError(
+                f"cannot open the arrays of stream {vault_name}/{vault_uid} under {path}: {e}"
+            ) from e
         for leaf, array in zip(schema.leaves, arrays, strict=True):
             expected = (schema.batch_size, *leaf.step_shape)
             got = (array.shape[0], *array.shape[2:])
@@ -382,16 +439,22 @@ class Store:
                 )
         flush_steps = max(_time_chunk(a) for a in arrays)
         user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
-        return Stream(
-            vault_name=vault_name,
-            vault_uid=vault_uid,
-            path=path,
-            schema=schema,
-            metadata=user,
-            arrays=arrays,
-            index=index,
-            flush_steps=flush_steps,
-        )
+        try:
+            return Stream(
+                vault_name=vault_name,
+                vault_uid=vault_uid,
+                path=path,
+                schema=schema,
+                metadata=user,
+                arrays=arrays,
+                index=index,
+                flush_steps=flush_steps,
+            )
+        except (OSError, ValueError) as e:  # the index or the log cannot be read
+            raise StorageError(
+                f"cannot load the committed state of stream {vault_name}/{vault_uid} under "
+                f"{path}: {e}"
+            ) from e
 
     def close(self) -> None:
         """Commits and flushes every open stream and forgets them."""

@@ -102,6 +102,7 @@ class Stream:
         self._materialized = 0
         self._segments: list[files.Segment] = []
         self._length = 0
+        self._materialize_failing = False  # log a storage outage once, not at every retry
         self._load(writer=False)
 
     # -- recovery ---------------------------------------------------------------------------
@@ -129,7 +130,12 @@ class Stream:
                         # Cannot happen with sequential durable writes; keep it for inspection.
                         logger.error("stream %s: log segment %s leaves a gap", self.path, path)
                         continue
-                    segments.append(files.read_segment(path, dtypes, shapes))
+                    segment = files.read_segment(path, dtypes, shapes)
+                    if start < end:  # overlaps what is loaded: keep only its new tail
+                        segment = files.Segment(
+                            end, tuple(a[:, end - start :] for a in segment.arrays)
+                        )
+                    segments.append(segment)
                     end = stop
             except FileNotFoundError:
                 # Another process materialized and deleted it meanwhile: read the index again.
@@ -310,8 +316,12 @@ class Stream:
             try:
                 files.write_segment(self.path, segment)
             except OSError as e:
-                failure = files.os_error(f"cannot write to {self.path}", e)
-                logger.error("stream %s/%s: %s", self.vault_name, self.vault_uid, failure)
+                # Nothing of this group is acknowledged; the log and the state are as before it,
+                # so the writer may retry the same appends (e.g. once disk space is freed).
+                failure = files.storage_error(
+                    f"cannot append to stream {self.vault_name}/{self.vault_uid}", e, self._root
+                )
+                logger.error("%s", failure)
             else:
                 with self._lock:
                     self._segments.append(segment)
@@ -335,6 +345,10 @@ class Stream:
             with self._lock:
                 self._has_chunks.notify()
 
+    @property
+    def _root(self) -> Path:
+        return self.path.parent.parent
+
     def _materialize_loop(self) -> None:
         while True:
             with self._lock:
@@ -343,23 +357,31 @@ class Stream:
                 if self._closed:
                     return
                 stop = self._length - self._length % self._flush_steps
-            if not self._materialize(stop):
+            try:
+                failure = self._materialize(stop)
+            except Exception as e:  # a bug: keep the thread (the steps are safe in the log)
+                logger.exception(
+                    "stream %s/%s: materializer failed", self.vault_name, self.vault_uid
+                )
+                failure = StorageError(str(e))
+            if failure is not None:
                 with self._lock:
                     self._has_chunks.wait(timeout=1.0)  # the storage failed: retry later
 
-    def _materialize(self, stop: int) -> bool:
+    def _materialize(self, stop: int) -> StorageError | ResourceExhaustedError | None:
         """Moves steps `[materialized, stop)` from the log into the zarr arrays, atomically.
 
         Returns:
-            False when the storage failed (the steps stay in the log, durable).
+            None, or the error when the storage failed: nothing changed, the steps stay in the
+            log (durable, readable) and a later call retries.
         """
         with self._materializing:
             return self._materialize_locked(stop)
 
-    def _materialize_locked(self, stop: int) -> bool:
+    def _materialize_locked(self, stop: int) -> StorageError | ResourceExhaustedError | None:
         start = self._materialized
         if stop <= start:
-            return True
+            return None
         with self._lock:
             segments = list(self._segments)
         data = _slice(segments, start, stop)
@@ -374,22 +396,28 @@ class Stream:
                 w.result()
             txn.commit_async().result()
         except Exception as e:
-            logger.error(
-                "stream %s/%s: cannot materialize steps [%d, %d): %s",
-                self.vault_name,
-                self.vault_uid,
-                start,
-                stop,
+            failure = files.storage_error(
+                f"cannot move steps [{start}, {stop}) of stream {self.vault_name}/"
+                f"{self.vault_uid} from the write-ahead log into its arrays",
                 e,
+                self._root,
             )
-            return False
+            log = logger.debug if self._materialize_failing else logger.error
+            log("%s; retrying later (the steps stay in the log)", failure)
+            self._materialize_failing = True
+            return failure
+        if self._materialize_failing:
+            logger.info(
+                "stream %s/%s: the arrays are writable again", self.vault_name, self.vault_uid
+            )
+            self._materialize_failing = False
         with self._lock:
             self._materialized = stop
             self._segments = [s for s in self._segments if s.stop > stop]
         for _, seg_stop, path in list(files.segment_files(self.path)):
             if seg_stop <= stop:
                 files.remove_quietly(path)
-        return True
+        return None
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -427,7 +455,7 @@ class Stream:
         try:
             head = [f.result() for f in futures]
         except Exception as e:
-            raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
+            raise self._read_error(start, stop, e) from e
         tail = (
             _slice(segments, max(start, materialized), stop, picked)
             if stop > max(start, materialized)
@@ -487,12 +515,27 @@ class Stream:
             )
             for i in picked
         ]
-        pending = []
+        # (output leaf, where in it, read future); tensorstore runs the reads concurrently.
+        pending: list[tuple[np.ndarray[Any, Any], Any, Any]] = []
+        inside = [w for w, (_, start) in enumerate(windows) if start + length <= materialized]
+        if inside:
+            # Windows wholly in the arrays: one vectorized gather per leaf instead of a read per
+            # window and leaf (Python indexing and futures cost more than the copy here).
+            rows = np.array([windows[w][0] for w in inside], np.int64)[:, None]
+            starts = np.array([windows[w][1] for w in inside], np.int64)[:, None]
+            steps = starts + np.arange(length, dtype=np.int64)
+            where: Any = slice(None) if len(inside) == len(windows) else inside
+            pending += [
+                (out[k], where, self._arrays[i].vindex[rows, steps].read())
+                for k, i in enumerate(picked)
+            ]
         for w, (row, start) in enumerate(windows):
             stop, mid = start + length, min(start + length, materialized)
-            if mid > start:  # the materialized part: tensorstore reads all of them concurrently
+            if stop <= materialized:
+                continue  # gathered above
+            if mid > start:  # the materialized head of a window that ends in the log
                 pending += [
-                    (out[k], w, mid - start, self._arrays[i][row, start:mid].read())
+                    (out[k], (w, slice(0, mid - start)), self._arrays[i][row, start:mid].read())
                     for k, i in enumerate(picked)
                 ]
             for seg in segments:  # the part still in the log
@@ -503,11 +546,18 @@ class Stream:
                             row, lo - seg.start : hi - seg.start
                         ]
         try:
-            for array, w, n, future in pending:
-                array[w, :n] = future.result()
+            for array, index, future in pending:
+                array[index] = future.result()
         except Exception as e:
-            raise StorageError(f"cannot read stream {self.vault_name}/{self.vault_uid}: {e}") from e
+            raise self._read_error(0, committed, e) from e
         return out
+
+    def _read_error(self, start: int, stop: int, error: Exception) -> StorageError:
+        return StorageError(
+            f"cannot read steps [{start}, {stop}) of stream {self.vault_name}/{self.vault_uid}: "
+            f"its stored data under {self.path} is damaged or unreadable ({error}); restore the "
+            "stream from a backup, or move its directory out of the root to serve the others"
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -517,9 +567,15 @@ class Stream:
         Afterwards flashbax's `Vault` (in any process) reads the whole stream. The partial last
         time chunk is written now and once more when it fills up, so flush at the end of work
         rather than after every append.
+
+        Raises:
+            ResourceExhaustedError: the disk is full; the steps stay durable in the log.
+            StorageError: the arrays cannot be written; the steps stay durable in the log.
         """
         self._drain()
-        self._materialize(self.length)
+        failure = self._materialize(self.length)
+        if failure is not None:
+            raise failure
 
     def _drain(self) -> None:
         with self._lock:
@@ -543,7 +599,7 @@ class Stream:
             for thread in threads:
                 thread.join()
             if threads:
-                self._materialize(self._length)
+                self._materialize(self._length)  # on failure the steps stay in the log (logged)
             if self._writer_lock is not None:
                 self._writer_lock.release()
             _OPEN_WRITERS.discard(self)
