@@ -1,5 +1,6 @@
 """expvault: durable, networked storage for JAX/flashbax replay experience."""
 
+from expvault._rpc import tls_credentials
 from expvault.counted import counted
 from expvault.errors import (
     AlreadyExistsError,
@@ -45,4 +46,5 @@ __all__ = [
     "VaultReader",
     "__version__",
     "counted",
+    "tls_credentials",
 ]

@@ -18,13 +18,22 @@ import numpy as np
 from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
 
 from expvault import codec
-from expvault._rpc import Backoff, channel_options, error_from_rpc, is_retryable
+from expvault._rpc import Backoff, channel_options, error_from_rpc, is_retryable, open_channel
 from expvault.errors import StorageError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Client", "Decoder", "full_state", "leaf_name", "read_request", "read_streams", "to_jax"]
+__all__ = [
+    "Client",
+    "Decoder",
+    "full_state",
+    "leaf_name",
+    "parse_with_leaves",
+    "read_request",
+    "read_streams",
+    "to_jax",
+]
 
 _Response = TypeVar("_Response")
 
@@ -45,14 +54,26 @@ class Client:
         timeout_s: float,
         reconnect_timeout_s: float,
         max_message_bytes: int,
+        token: str | None = None,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        self.channel = (
-            grpc.insecure_channel(target, options=options)
-            if credentials is None
-            else grpc.secure_channel(target, credentials, options=options)
+        self.channel = open_channel(
+            target,
+            credentials=credentials,
+            token=token,
+            options=channel_options(max_message_bytes),
         )
         self.stub = vault_pb2_grpc.VaultServiceStub(self.channel)
+        # Read and Sample answering raw bytes, for `parse_with_leaves` (no copies of leaves).
+        self.read_raw: grpc.UnaryStreamMultiCallable[vault_pb2.ReadRequest, bytes]
+        self.read_raw = self.channel.unary_stream(
+            "/expvault.v1.VaultService/Read",
+            request_serializer=vault_pb2.ReadRequest.SerializeToString,
+        )
+        self.sample_raw: grpc.UnaryStreamMultiCallable[vault_pb2.SampleRequest, bytes]
+        self.sample_raw = self.channel.unary_stream(
+            "/expvault.v1.VaultService/Sample",
+            request_serializer=vault_pb2.SampleRequest.SerializeToString,
+        )
         self.target = target
         self.timeout_s = timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -84,6 +105,22 @@ class Client:
         self.channel.close()
 
 
+_Message = TypeVar("_Message", vault_pb2.ReadResponse, vault_pb2.SampleResponse)
+
+
+def parse_with_leaves(
+    raw: bytes, message_type: type[_Message]
+) -> tuple[_Message, list[memoryview]]:
+    """Parses a raw Read or Sample response; its `leaves` come back as views of `raw`.
+
+    The returned message has no `leaves`: protobuf would copy each leaf when parsing, and again
+    on every access to the field.
+    """
+    number = message_type.DESCRIPTOR.fields_by_name["leaves"].number
+    rest, leaves = codec.split_bytes_field(raw, number)
+    return message_type.FromString(rest), leaves
+
+
 class Decoder:
     """Turns wire messages of a vault into pytrees of a user's structure."""
 
@@ -100,7 +137,11 @@ class Decoder:
         return [n for n in self.wire_names if n in names]
 
     def decode(
-        self, names: Sequence[str], num_steps: int, blobs: Sequence[bytes], rows: int | None = None
+        self,
+        names: Sequence[str],
+        num_steps: int,
+        blobs: Sequence[bytes | memoryview],
+        rows: int | None = None,
     ) -> list[np.ndarray[Any, Any]]:
         specs = [self.wire.leaves[self.wire_names.index(n)] for n in names]
         batch = self.wire.batch_size if rows is None else rows
@@ -142,6 +183,51 @@ def read_request(
     return request
 
 
+class _Gathered:
+    """One stream's steps of a Read, copied into place as messages arrive.
+
+    Copying each message while gRPC receives the next one (its threads run without the GIL)
+    is faster than keeping the messages and concatenating them at the end, and holds the data
+    once instead of twice.
+    """
+
+    def __init__(self, start: int, capacity: int) -> None:
+        self.start = start
+        self.capacity = capacity
+        self.filled = 0
+        self.arrays: list[np.ndarray[Any, Any]] = []
+
+    def add(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> None:
+        if start != self.start + self.filled:
+            raise StorageError(
+                f"the server sent steps from {start}, expected {self.start + self.filled}"
+            )
+        n = int(arrays[0].shape[1])
+        if self.filled + n > self.capacity or not self.arrays:
+            self.capacity = max(self.capacity, self.filled + n, 2 * self.capacity)
+            grown = [np.empty((a.shape[0], self.capacity, *a.shape[2:]), a.dtype) for a in arrays]
+            for new, old in zip(grown, self.arrays, strict=False):
+                new[:, : self.filled] = old[:, : self.filled]
+            self.arrays = grown
+        for out, a in zip(self.arrays, arrays, strict=True):
+            out[:, self.filled : self.filled + n] = a
+        self.filled += n
+
+    def result(self) -> list[np.ndarray[Any, Any]]:
+        return [a[:, : self.filled] for a in self.arrays]
+
+
+def _read_capacity(request: vault_pb2.ReadRequest, start: int, committed: int) -> int:
+    """Steps a Read will return from `start`, at most: what it asked for and what is committed."""
+    bound = committed - start  # the server resolved the read's end before this length
+    selection = request.WhichOneof("selection")
+    if selection == "range" and request.range.HasField("stop"):
+        bound = min(bound, request.range.stop - start)
+    elif selection == "last_steps":
+        bound = min(bound, request.last_steps)
+    return max(0, bound)
+
+
 def read_streams(
     client: Client,
     request: vault_pb2.ReadRequest,
@@ -151,29 +237,31 @@ def read_streams(
     """Runs a (non-follow) Read; returns the decoder and per stream `(start, wire arrays)`."""
     decoder: Decoder | None = None
     selected: list[str] = []
-    pieces: dict[str, tuple[int, list[list[np.ndarray[Any, Any]]]]] = {}
+    pieces: dict[str, _Gathered] = {}
     try:
-        for message in client.stub.Read(request):
+        for raw in client.read_raw(request):
+            message, leaves = parse_with_leaves(raw, vault_pb2.ReadResponse)
             if decoder is None:
                 decoder = Decoder(message.structure, experience_structure)
                 selected = decoder.selected(names)
                 continue
-            start, parts = pieces.setdefault(message.vault_uid, (message.start, []))
+            gathered = pieces.get(message.vault_uid)
+            if gathered is None:
+                capacity = _read_capacity(request, message.start, message.committed_offset)
+                gathered = pieces[message.vault_uid] = _Gathered(message.start, capacity)
             if message.num_steps:
-                parts.append(decoder.decode(selected, message.num_steps, list(message.leaves)))
+                gathered.add(message.start, decoder.decode(selected, message.num_steps, leaves))
     except grpc.RpcError as rpc_error:
         raise error_from_rpc(rpc_error) from rpc_error
     if decoder is None:
         raise StorageError("the server ended a Read without its structure")
     out = {}
-    for uid, (start, parts) in pieces.items():
-        if not parts:
-            empty = decoder.decode(selected, 0, [b""] * len(selected))
-            out[uid] = (start, [np.array(a) for a in empty])
-        elif len(parts) == 1:
-            out[uid] = (start, parts[0])
+    for uid, gathered in pieces.items():
+        if gathered.filled:
+            out[uid] = (gathered.start, gathered.result())
         else:
-            out[uid] = (start, [np.concatenate(leaf, axis=1) for leaf in zip(*parts, strict=True)])
+            empty = decoder.decode(selected, 0, [b""] * len(selected))
+            out[uid] = (gathered.start, [np.array(a) for a in empty])
     return decoder, out
 
 

@@ -25,6 +25,7 @@ from expvault._client import (
     Decoder,
     full_state,
     leaf_name,
+    parse_with_leaves,
     read_request,
     read_streams,
     to_jax,
@@ -57,11 +58,16 @@ class VaultReader:
         timeout_s: deadline of each unary call.
         reconnect_timeout_s: how long `follow` and unary calls keep retrying an absent server.
         max_message_bytes: the channel's message limit.
-        credentials: TLS credentials; None for a plaintext channel.
+        credentials: TLS credentials, e.g. `expvault.tls_credentials(ca="ca.pem")`; None for a
+            plaintext channel.
+        token: bearer token sent with every call, for servers started with `--token-file`
+            (needs scope `write` to write, `read` to read); None for none.
 
     Raises:
         NotFoundError: no such vault.
         SchemaMismatchError: `experience_structure` differs from the vault's.
+        UnauthenticatedError: the server needs a token (`token=`) and got none or a bad one.
+        PermissionDeniedError: the token lacks the `read` scope.
     """
 
     def __init__(
@@ -75,10 +81,12 @@ class VaultReader:
         reconnect_timeout_s: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self._client = Client(
             target,
             credentials=credentials,
+            token=token,
             timeout_s=timeout_s,
             reconnect_timeout_s=reconnect_timeout_s,
             max_message_bytes=max_message_bytes,
@@ -427,15 +435,14 @@ class VaultReader:
         parts: list[list[np.ndarray[Any, Any]]] = []
         backoff = Backoff(self._client.reconnect_timeout_s)
         while True:
-            call = self._client.stub.Sample(request)
+            call = self._client.sample_raw(request)
             if track is not None:
                 track(call)
             try:
-                for message in call:
+                for raw in call:
+                    message, blobs = parse_with_leaves(raw, vault_pb2.SampleResponse)
                     rows = len(message.starts)
-                    parts.append(
-                        self._decoder.decode(names, sequence_length, list(message.leaves), rows)
-                    )
+                    parts.append(self._decoder.decode(names, sequence_length, blobs, rows))
                 break
             except grpc.RpcError as rpc_error:
                 delay = backoff.next_delay() if is_retryable(rpc_error) else None

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from expvault.errors import ExpvaultError, error_class_for
+from expvault.errors import ExpvaultError, InvalidArgumentError, error_class_for
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "ERROR_DOMAIN",
     "Backoff",
+    "BearerToken",
     "channel_options",
     "error_from_rpc",
     "is_retryable",
+    "open_channel",
+    "tls_credentials",
 ]
 
 ERROR_DOMAIN = "expvault"
@@ -40,7 +46,148 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),  # keep pinging a follower's idle stream
+        # gRPC's own reconnect backoff grows to 120 s; after a long outage a restarted server
+        # would wait that long for its clients. Match `Backoff`'s largest delay instead.
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
+
+
+def _read_pem(source: str | os.PathLike[str] | bytes | None, what: str) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read the {what} {source}: {e}") from e
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | bytes | None = None,
+    cert: str | os.PathLike[str] | bytes | None = None,
+    key: str | os.PathLike[str] | bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials for `RemoteVault` / `VaultReader` (`credentials=`).
+
+    Args:
+        ca: PEM CA bundle that verifies the server (a path, or the PEM bytes); None trusts the
+            system's roots.
+        cert: this client's PEM certificate chain, for servers that require client
+            certificates (`--tls-client-ca`, mutual TLS).
+        key: the private key of `cert`.
+
+    Returns:
+        Channel credentials.
+
+    Raises:
+        InvalidArgumentError: a file cannot be read, or only one of `cert` and `key` is given.
+    """
+    if (cert is None) != (key is None):
+        raise InvalidArgumentError("a client certificate needs both cert and key, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca, "CA bundle"),
+        private_key=_read_pem(key, "client key"),
+        certificate_chain=_read_pem(cert, "client certificate"),
+    )
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _ClientCallDetails(_CallDetails, grpc.ClientCallDetails):
+    """`grpc.ClientCallDetails` with fields (grpc's own class is private)."""
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call of a channel (plaintext or TLS).
+
+    Args:
+        token: the token the server's `--token-file` lists.
+
+    Raises:
+        InvalidArgumentError: the token is empty or has characters metadata cannot carry.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise InvalidArgumentError(
+                "token must be non-empty printable ASCII without spaces (as in the token file)"
+            )
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:
+        return "BearerToken(***)"  # never the token, e.g. in a traceback's locals
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._entry]
+        return _ClientCallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        """Adds the token."""
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        """Adds the token."""
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        """Adds the token."""
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        """Adds the token."""
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def open_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    token: str | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> grpc.Channel:
+    """A channel to an expvault server: TLS when `credentials` are given, with a bearer token.
+
+    Args:
+        target: `HOST:PORT`.
+        credentials: e.g. `tls_credentials(ca=...)`; None for plaintext.
+        token: sent as `authorization: Bearer TOKEN` on every call; None for none.
+        options: channel options; default `channel_options()`.
+    """
+    options = channel_options() if options is None else options
+    channel = (
+        grpc.insecure_channel(target, options=options)
+        if credentials is None
+        else grpc.secure_channel(target, credentials, options=options)
+    )
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, BearerToken(token))
 
 
 def _error_info(error: grpc.RpcError) -> tuple[str, Mapping[str, str]]:

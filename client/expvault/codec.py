@@ -22,6 +22,7 @@ from expvault.v1 import vault_pb2
 
 __all__ = [
     "DEFAULT_MESSAGE_BYTES",
+    "MAX_JSON_DEPTH",
     "EncodedChunk",
     "append_chunks",
     "decode_arrays",
@@ -31,6 +32,7 @@ __all__ = [
     "schema_from_proto",
     "schema_to_proto",
     "serialize_append_request",
+    "split_bytes_field",
     "split_steps",
     "steps_per_message",
     "to_json",
@@ -38,6 +40,8 @@ __all__ = [
 
 # Measured on loopback: 256 KiB-1 MiB messages move 700-800 MB/s through protobuf bytes.
 DEFAULT_MESSAGE_BYTES = 1 << 20
+# Deeper user metadata would overflow the stack of code that walks it (json.dumps, the store).
+MAX_JSON_DEPTH = 64
 
 
 def schema_to_proto(schema: Schema) -> vault_pb2.Structure:
@@ -136,7 +140,7 @@ def decode_arrays(
     leaves: Sequence[LeafSpec],
     batch_size: int,
     num_steps: int,
-    blobs: Sequence[bytes],
+    blobs: Sequence[bytes | memoryview],
 ) -> list[np.ndarray[Any, Any]]:
     """Turns wire bytes into arrays `(batch_size, num_steps, *step_shape)`, without copying.
 
@@ -299,6 +303,69 @@ def append_chunks(
         yield EncodedChunk(start + lo, hi - lo, nbytes, request)
 
 
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `data[pos:]` and the position after it."""
+    value = shift = 0
+    while shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def split_bytes_field(data: bytes, field_number: int) -> tuple[bytes, list[memoryview]]:
+    """Takes the values of one `repeated bytes` field out of a serialized message, uncopied.
+
+    Parsing a message copies each `bytes` value, and reading the field copies it again; a
+    reader of large Read and Sample responses instead keeps the leaves as views of the received
+    bytes and parses only the small rest with protobuf.
+
+    Args:
+        data: a serialized message.
+        field_number: the number of its `repeated bytes` field (e.g. `leaves`).
+
+    Returns:
+        The message without that field (parse it with `FromString`), and the field's values in
+        order, as views of `data`.
+
+    Raises:
+        InvalidArgumentError: `data` is not a well-formed message.
+    """
+    view = memoryview(data)
+    end = len(data)
+    rest: list[memoryview] = []
+    values: list[memoryview] = []
+    pos = 0
+    try:
+        while pos < end:
+            first = pos
+            key, pos = _read_varint(data, pos)
+            wire_type = key & 7
+            if wire_type == 0:
+                _, pos = _read_varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                length, pos = _read_varint(data, pos)
+                pos += length
+                if key >> 3 == field_number and pos <= end:
+                    values.append(view[pos - length : pos])
+                    continue
+            else:
+                raise ValueError(f"unsupported wire type {wire_type}")
+            if pos > end:
+                raise ValueError("a field runs past the end")
+            rest.append(view[first:pos])
+    except (ValueError, IndexError) as e:
+        raise InvalidArgumentError(f"malformed message from the peer: {e}") from e
+    return b"".join(rest), values
+
+
 def serialize_append_request(request: vault_pb2.AppendRequest | bytes) -> bytes:
     """The request serializer of the Append call: messages, or chunks `append_chunks` encoded."""
     return request if isinstance(request, bytes) else request.SerializeToString()
@@ -313,11 +380,29 @@ def from_json(text: str, what: str) -> Any:
     """Parses a JSON field of a message ("" is None).
 
     Raises:
-        InvalidArgumentError: the text is not JSON (the message names the field `what`).
+        InvalidArgumentError: the text is not JSON, or nests lists and objects more than
+            `MAX_JSON_DEPTH` deep (the message names the field `what`).
     """
     if not text:
         return None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError as e:
         raise InvalidArgumentError(f"{what} is not valid JSON: {e}") from e
+    except RecursionError as e:  # "[[[[..." thousands deep
+        raise InvalidArgumentError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from e
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgumentError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest

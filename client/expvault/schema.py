@@ -78,8 +78,10 @@ def _leaf_name(path: Sequence[Any]) -> tuple[str, tuple[str, ...]]:
 def _parse_dtype(name: str) -> np.dtype[Any]:
     try:
         return np.dtype(jnp.dtype(name))
-    except TypeError as e:
-        raise InvalidArgumentError(f"unknown dtype {name!r}") from e
+    # numpy raises TypeError for unknown names, ValueError or SyntaxError for malformed
+    # comma or shape strings ("5l$o", "(2,"): all are the caller's mistake.
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise InvalidArgumentError(f"unknown dtype {name[:40]!r}") from e
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,20 @@ from expvault.errors import ExpvaultError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ErrorScope", "rpc_errors", "status_of"]
+__all__ = ["MAX_MESSAGE_CHARS", "ErrorScope", "clip", "rpc_errors", "status_of"]
 
 _INTERNAL_MESSAGE = "internal server error; the server log has the details"
+# Messages quote what the client sent (names, leaves); a quote of a huge request must neither
+# flood the log nor push the trailers past the client's 8 KiB metadata limit, which would turn
+# the status into a RESOURCE_EXHAUSTED of gRPC's own.
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text`, cut to about `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text)} characters, clipped)"
 
 
 @dataclass
@@ -40,14 +51,13 @@ class ErrorScope:
 
 def status_of(error: ExpvaultError, extra: dict[str, str] | None = None) -> grpc.Status:
     """The gRPC status of an error: code, message, and a `google.rpc.ErrorInfo` detail."""
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=ERROR_DOMAIN, metadata={**(extra or {}), **error.metadata}
-    )
+    metadata = {key: clip(value, 200) for key, value in {**(extra or {}), **error.metadata}.items()}
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = error.code.value[0] if error.code != grpc.StatusCode.OK else code_pb2.UNKNOWN
     status: grpc.Status = rpc_status.to_status(
-        status_pb2.Status(code=code, message=error.message, details=[detail])
+        status_pb2.Status(code=code, message=clip(error.message), details=[detail])
     )
     return status
 
@@ -94,7 +104,7 @@ class rpc_errors:  # lower case: used like a function, `async with rpc_errors(co
                 self.scope.peer,
                 error.code.name,
                 error.reason,
-                error.message,
+                clip(error.message),
             )
             await self._context.abort_with_status(status_of(error, extra))
         elif isinstance(error, Exception):

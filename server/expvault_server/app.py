@@ -14,14 +14,41 @@ from grpc_reflection.v1alpha import reflection
 from expvault.errors import UnavailableError
 from expvault.storage import Store
 from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault_server.auth import TokenAuth, is_loopback, load_tokens, server_credentials
 from expvault_server.config import ServerConfig, parse_listen
 from expvault_server.service import VaultServicer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "VaultServer", "serve"]
+__all__ = ["SERVICE_NAME", "VaultServer", "exposure_warning", "serve"]
 
 SERVICE_NAME = vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+# A peer that does not answer a ping within KEEPALIVE_TIMEOUT_MS is dropped: with these, a dead
+# actor's stream is free again within about 40 s.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def exposure_warning(config: ServerConfig) -> str | None:
+    """What to warn about when a server is reachable from other hosts without protection.
+
+    Returns:
+        None on a loopback address, or with both TLS and tokens; else the warning.
+    """
+    host, _ = parse_listen(config.listen)
+    if is_loopback(host):
+        return None
+    if config.tls_cert is None and config.token_file is None:
+        return (
+            f"listening on {config.listen} in plaintext without tokens: anyone who reaches it "
+            "can read, write and delete vaults; give --token-file (and --tls-cert/--tls-key)"
+        )
+    if config.tls_cert is None:
+        return (
+            f"listening on {config.listen} in plaintext: tokens and data cross the network "
+            "unencrypted; give --tls-cert and --tls-key"
+        )
+    return None
 
 
 class VaultServer:
@@ -57,20 +84,44 @@ class VaultServer:
 
         Raises:
             UnavailableError: the address cannot be bound.
+            InvalidArgumentError: the token file or a TLS file cannot be read or is malformed.
         """
+        config = self.config
+        # Settings that read files fail here, before anything listens.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if config.token_file is not None:
+            tokens = await asyncio.to_thread(load_tokens, config.token_file)
+            interceptors.append(TokenAuth(tokens))
+            logger.info("bearer tokens required: %d tokens from %s", len(tokens), config.token_file)
+        credentials = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        warning = exposure_warning(config)
+        if warning:
+            logger.warning("%s", warning)
         if self._store is None:
-            self._store = await asyncio.to_thread(Store, self.config.root)
-        limit = self.config.max_message_bytes
+            self._store = await asyncio.to_thread(Store, config.root)
+        limit = config.max_message_bytes
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 # Accept the clients' keepalive pings on idle streams (followers).
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+                # Ping the clients too: a dead actor's half-open connection (host gone, cable
+                # pulled) is closed, which ends its Append call and frees its writer lease.
+                ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+                ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                ("grpc.http2.max_pings_without_data", 0),
+                # Else a ping waits 5 minutes after the last one (flow-control pings count), and
+                # an unanswered one of those waits 60 s before the connection is dropped.
+                ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_TIME_MS),
+                ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ],
         )
-        self._servicer = VaultServicer(self._store, self.config)
+        self._servicer = VaultServicer(self._store, config)
         vault_pb2_grpc.add_VaultServiceServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -82,14 +133,22 @@ class VaultServer:
             server,
         )
         try:
-            self.port = server.add_insecure_port(self.config.listen)
+            if credentials is None:
+                self.port = server.add_insecure_port(config.listen)
+            else:
+                self.port = server.add_secure_port(config.listen, credentials)
         except RuntimeError as e:
-            raise UnavailableError(f"cannot listen on {self.config.listen}: {e}") from e
+            raise UnavailableError(f"cannot listen on {config.listen}: {e}") from e
         await server.start()
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("expvault serving on %s root=%s", self.address, self._store.root)
+        logger.info(
+            "expvault serving on %s root=%s tls=%s",
+            self.address,
+            self._store.root,
+            "mutual" if config.tls_client_ca else "on" if credentials else "off",
+        )
         return self.port
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -20,11 +20,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from expvault._rpc import channel_options, error_from_rpc
+from expvault._rpc import channel_options, error_from_rpc, open_channel, tls_credentials
 from expvault.errors import ExpvaultError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
 
-__all__ = ["COMMANDS", "COMMAND_MODULES", "Command", "add_target_arguments", "env_default", "main"]
+__all__ = [
+    "COMMANDS",
+    "COMMAND_MODULES",
+    "Command",
+    "add_target_arguments",
+    "client_channel",
+    "env_default",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +73,54 @@ def _flag(
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds `--target` and `--timeout-s`, for subcommands that talk to a server."""
+    """Adds `--target`, `--timeout-s`, TLS and token flags, for subcommands that call a server.
+
+    `client_channel(args)` opens the channel they describe.
+    """
     _flag(parser, "--target", DEFAULT_TARGET, "server address HOST:PORT")
     _flag(parser, "--timeout-s", "10", "deadline of each call in seconds", type=float)
+    _flag(parser, "--tls-ca", "", "PEM CA bundle that verifies the server; turns TLS on")
+    _flag(parser, "--tls-client-cert", "", "PEM certificate of this client (mutual TLS)")
+    _flag(parser, "--tls-client-key", "", "PEM private key of --tls-client-cert")
+    _flag(
+        parser,
+        "--tls-server-name",
+        "",
+        "name to verify the server's certificate against, when --target is an address it "
+        "does not name",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("EXPVAULT_TOKEN") or None,
+        help="bearer token for servers started with --token-file (env EXPVAULT_TOKEN, which "
+        "keeps it out of the process list)",
+    )
+
+
+def client_channel(
+    args: argparse.Namespace, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
+    """The channel `add_target_arguments`' flags describe: plaintext or TLS, with a token.
+
+    Args:
+        args: parsed flags (`target`, `tls_ca`, `tls_client_cert`, `tls_client_key`,
+            `tls_server_name`, `token`).
+        options: channel options; default `channel_options()`.
+
+    Raises:
+        InvalidArgumentError: a TLS file cannot be read, or a client certificate without its key.
+    """
+    options = list(channel_options() if options is None else options)
+    credentials = None
+    if args.tls_ca or args.tls_client_cert or args.tls_client_key:
+        credentials = tls_credentials(
+            ca=args.tls_ca or None,
+            cert=args.tls_client_cert or None,
+            key=args.tls_client_key or None,
+        )
+        if args.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    return open_channel(args.target, credentials=credentials, token=args.token, options=options)
 
 
 # -- serve ------------------------------------------------------------------------------------
@@ -92,6 +145,31 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "bytes all writers together may have in flight",
         type=int,
     )
+    _flag(parser, "--max-vaults", "1000", "vaults the root may hold", type=int)
+    _flag(parser, "--max-streams-per-vault", "10000", "streams (writers) of one vault", type=int)
+    _flag(parser, "--max-leaves", "1024", "leaves of one experience structure", type=int)
+    _flag(
+        parser,
+        "--max-step-bytes",
+        str(16 << 20),
+        "bytes of one time step of a vault, all leaves and batch rows",
+        type=int,
+    )
+    _flag(parser, "--max-sample-batch", "65536", "windows one Sample call may ask for", type=int)
+    _flag(parser, "--tls-cert", "", "PEM certificate chain; with --tls-key, serve TLS only")
+    _flag(parser, "--tls-key", "", "PEM private key of --tls-cert")
+    _flag(
+        parser,
+        "--tls-client-ca",
+        "",
+        "PEM CA bundle; clients must present a certificate it signed (mutual TLS)",
+    )
+    _flag(
+        parser,
+        "--token-file",
+        "",
+        "bearer tokens with scopes, lines `NAME read|write|admin TOKEN`; unset: no tokens",
+    )
     _flag(
         parser,
         "--shutdown-grace-s",
@@ -114,6 +192,15 @@ def _run_serve(args: argparse.Namespace) -> int:
             message_bytes=args.message_bytes,
             max_inflight_bytes_per_stream=args.max_inflight_bytes_per_stream,
             max_inflight_bytes=args.max_inflight_bytes,
+            max_vaults=args.max_vaults,
+            max_streams_per_vault=args.max_streams_per_vault,
+            max_leaves=args.max_leaves,
+            max_step_bytes=args.max_step_bytes,
+            max_sample_batch=args.max_sample_batch,
+            tls_cert=args.tls_cert or None,
+            tls_key=args.tls_key or None,
+            tls_client_ca=args.tls_client_ca or None,
+            token_file=args.token_file or None,
             shutdown_grace_s=args.shutdown_grace_s,
             log_level=args.log_level,
         )
@@ -134,7 +221,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, vault_pb2_grpc.VaultServiceStub]:
-    channel = grpc.insecure_channel(args.target, options=channel_options())
+    channel = client_channel(args)
     return channel, vault_pb2_grpc.VaultServiceStub(channel)
 
 
@@ -210,7 +297,7 @@ def _configure_health(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_health(args: argparse.Namespace) -> int:
-    channel = grpc.insecure_channel(args.target)
+    channel = client_channel(args, options=[])
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(
@@ -234,7 +321,10 @@ COMMANDS: dict[str, Command] = {
     ),
 }
 # Subcommands in their own modules, each exposing `COMMAND: Command` (e.g. "demo", "bench").
-COMMAND_MODULES: dict[str, str] = {"demo": "expvault_server.demo"}
+COMMAND_MODULES: dict[str, str] = {
+    "demo": "expvault_server.demo",
+    "bench": "expvault_server.bench",
+}
 
 
 def _commands() -> dict[str, Command]:

@@ -43,6 +43,20 @@ class ServerConfig:
         max_inflight_bytes_per_stream: bytes one Append call may have received but not yet
             committed before the server stops reading from it.
         max_inflight_bytes: the same bound over all Append calls of the server.
+        max_vaults: vaults the root may hold; CreateVault of one more is RESOURCE_EXHAUSTED.
+        max_streams_per_vault: streams (writers' vault_uids) one vault may hold; an Append that
+            would create one more is RESOURCE_EXHAUSTED.
+        max_leaves: leaves an experience structure may have (CreateVault).
+        max_step_bytes: bytes of one time step of a vault: every leaf, every batch row
+            (`B * sum(prod(step_shape) * itemsize)`). CreateVault refuses larger structures,
+            Append refuses to open streams of larger (older) vaults. A step must also fit in one
+            message with its framing (`max_message_bytes` less 512 + 16 bytes per leaf).
+        max_sample_batch: windows one Sample call may ask for (`batch_size`).
+        tls_cert: PEM certificate chain; with `tls_key`, the server speaks TLS only.
+        tls_key: PEM private key of `tls_cert`.
+        tls_client_ca: PEM CA bundle; clients must present a certificate it signed (mTLS).
+        token_file: bearer tokens with scopes (format in `expvault_server.auth`); None: no
+            token is asked for.
         shutdown_grace_s: on SIGTERM/SIGINT, how long in-flight work may take to finish.
         log_level: `DEBUG`, `INFO`, `WARNING`, `ERROR`.
     """
@@ -53,18 +67,41 @@ class ServerConfig:
     message_bytes: int = 1 << 20
     max_inflight_bytes_per_stream: int = 64 << 20
     max_inflight_bytes: int = 512 << 20
+    max_vaults: int = 1000
+    max_streams_per_vault: int = 10000
+    max_leaves: int = 1024
+    max_step_bytes: int = 16 << 20
+    max_sample_batch: int = 65536
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    token_file: Path | None = None
     shutdown_grace_s: float = 30.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "log_level", str(self.log_level).upper())
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, Path(value) if value else None)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgumentError("TLS needs both --tls-cert and --tls-key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgumentError(
+                "--tls-client-ca (mutual TLS) needs TLS: give --tls-cert and --tls-key too"
+            )
         parse_listen(self.listen)
         for name in (
             "max_message_bytes",
             "message_bytes",
             "max_inflight_bytes_per_stream",
             "max_inflight_bytes",
+            "max_vaults",
+            "max_streams_per_vault",
+            "max_leaves",
+            "max_step_bytes",
+            "max_sample_batch",
         ):
             if int(getattr(self, name)) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1, got {getattr(self, name)}")

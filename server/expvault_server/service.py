@@ -10,7 +10,9 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
@@ -26,8 +28,17 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import Store, Stream, VaultInfo
+from expvault.storage.files import check_name
 from expvault.v1 import vault_pb2, vault_pb2_grpc
 from expvault_server._flow import ByteBudget, CommitWatch, WriterLeases, bridge
+from expvault_server._limits import (
+    check_sample,
+    check_step_bytes,
+    check_structure,
+    message_room,
+    over_limit,
+    probe_storage,
+)
 from expvault_server._status import rpc_errors
 from expvault_server.config import ServerConfig
 
@@ -95,6 +106,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         self._chunk_readers: set[asyncio.Task[None]] = set()
         self._watches: set[CommitWatch] = set()
         self._new_streams: dict[str, set[asyncio.Event]] = {}
+        self._creating = asyncio.Lock()
+        self._creating_streams = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -132,22 +145,37 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     ) -> vault_pb2.CreateVaultResponse:
         async with rpc_errors(context, "CreateVault"):
             self._check_open()
+            check_name("vault_name", request.vault_name)
             if not request.HasField("structure"):
                 raise InvalidArgumentError("CreateVault needs `structure`")
+            check_structure(self._config, request.structure)
             schema = codec.schema_from_proto(request.structure)
+            check_step_bytes(self._config, schema, request.vault_name)
             metadata = codec.from_json(request.metadata_json, "metadata_json")
             if metadata is not None and not isinstance(metadata, dict):
                 raise InvalidArgumentError('metadata_json must be a JSON object, e.g. {"k": 1}')
             compression = codec.from_json(request.compression_json, "compression_json")
-            info, created = await asyncio.to_thread(
-                self._store.create_vault,
-                request.vault_name,
-                schema,
-                compression=compression,
-                metadata=metadata,
-            )
+            await asyncio.to_thread(probe_storage, schema, compression)
+            async with self._creating:  # the vault count cannot change between check and create
+                info, created = await asyncio.to_thread(
+                    self._create_vault, request.vault_name, schema, compression, metadata
+                )
             logger.debug("CreateVault %s created=%s", request.vault_name, created)
             return vault_pb2.CreateVaultResponse(vault=vault_info_to_proto(info), created=created)
+
+    def _create_vault(
+        self, vault_name: str, schema: Schema, compression: Any, metadata: Any
+    ) -> tuple[VaultInfo, bool]:
+        """Creates a vault unless that passes `max_vaults` (blocks: worker thread)."""
+        names = self._store.list_vaults()
+        if vault_name not in names and len(names) >= self._config.max_vaults:
+            raise over_limit(
+                f"the server holds {len(names)} vaults", "max_vaults", self._config.max_vaults,
+                "--max-vaults",
+            )  # fmt: skip
+        return self._store.create_vault(
+            vault_name, schema, compression=compression, metadata=metadata
+        )
 
     @override
     async def GetVault(
@@ -158,6 +186,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         async with rpc_errors(context, "GetVault"):
             self._check_open()
             info = await asyncio.to_thread(self._store.get_vault, request.vault_name)
+            if info.damaged:  # say what is wrong (`expvault info`); the healthy streams serve on
+                raise StorageError(info.damage_report())
             logger.debug("GetVault %s", request.vault_name)
             return vault_pb2.GetVaultResponse(vault=vault_info_to_proto(info))
 
@@ -207,9 +237,9 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                 )
             vault_name, vault_uid = first.open.vault_name, first.open.vault_uid
             create = first.open.create
-            stream = await asyncio.to_thread(
-                self._store.open_stream, vault_name, vault_uid, create=create
-            )
+            check_name("vault_name", vault_name)
+            check_name("vault_uid", vault_uid)
+            stream = await asyncio.to_thread(self._open_for_append, vault_name, vault_uid, create)
             token = self._leases.claim(vault_name, vault_uid)
             outstanding: set[asyncio.Future[int]] = set()
             reader: asyncio.Task[None] | None = None
@@ -263,6 +293,30 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     vault_uid,
                     stream.length,
                 )
+
+    def _open_for_append(self, vault_name: str, vault_uid: str, create: bool) -> Stream:
+        """Opens (or creates) a stream to append to, within the limits (blocks: worker thread).
+
+        A new stream is checked before it is created, so a refused one leaves nothing behind.
+        """
+        if create and vault_uid not in self._store.list_streams(vault_name):
+            with self._creating_streams:  # the stream count cannot change under the check
+                vault = self._store.get_vault(vault_name, with_sizes=False)
+                check_step_bytes(self._config, vault.schema, vault_name)
+                limit = self._config.max_streams_per_vault
+                uids = self._store.list_streams(vault_name)
+                if vault_uid not in uids and len(uids) >= limit:
+                    raise over_limit(
+                        f"vault {vault_name!r} has {len(uids)} streams",
+                        "max_streams_per_vault",
+                        limit,
+                        "--max-streams-per-vault",
+                    )
+                stream = self._store.open_stream(vault_name, vault_uid, create=True)
+        else:
+            stream = self._store.open_stream(vault_name, vault_uid, create=create)
+        check_step_bytes(self._config, stream.schema, vault_name)
+        return stream
 
     async def _read_chunks(
         self,
@@ -382,7 +436,11 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     yield message
 
     async def _open_for_read(self, vault: VaultInfo, vault_uid: str) -> Stream:
-        stream = await asyncio.to_thread(self._store.open_stream, vault.vault_name, vault_uid)
+        return await asyncio.to_thread(self._open_checked, vault, vault_uid)
+
+    def _open_checked(self, vault: VaultInfo, vault_uid: str) -> Stream:
+        """Opens a stream of `vault` to read, checking its leaves against the vault's (blocks)."""
+        stream = self._store.open_stream(vault.vault_name, vault_uid)
         if [leaf.name for leaf in stream.schema.leaves] != [
             leaf.name for leaf in vault.schema.leaves
         ]:
@@ -419,14 +477,34 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         names: Sequence[str],
         per_message: int,
     ) -> AsyncIterator[vault_pb2.ReadResponse]:
-        """Messages covering committed steps `[start, stop)` of a stream, in order."""
+        """Messages covering committed steps `[start, stop)` of a stream, in order.
+
+        The next block is read (and decoded, in tensorstore's threads) while this one is sent.
+        """
         block = per_message * _MESSAGES_PER_READ
-        for lo in range(start, stop, block):
-            messages = await asyncio.to_thread(
-                _read_messages, stream, lo, min(stop, lo + block), names, per_message
+        loop = asyncio.get_running_loop()
+
+        def read(lo: int) -> asyncio.Future[list[vault_pb2.ReadResponse]]:
+            future = loop.run_in_executor(
+                None, _read_messages, stream, lo, min(stop, lo + block), names, per_message
             )
-            for message in messages:
-                yield message
+            future.add_done_callback(_retrieve)  # a prefetch the call no longer needs
+            return future
+
+        starts = list(range(start, stop, block))
+        if not starts:
+            return
+        ahead = [read(starts[0])]
+        try:
+            for following in [*starts[1:], None]:
+                messages = await ahead.pop()
+                if following is not None:
+                    ahead.append(read(following))
+                for message in messages:
+                    yield message
+        finally:
+            for future in ahead:
+                future.cancel()
 
     async def _follow(
         self,
@@ -530,31 +608,52 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     f"batch_size and sequence_length must be >= 1, got {request.batch_size} and "
                     f"{request.sequence_length}"
                 )
-            vault = await asyncio.to_thread(
-                self._store.get_vault, request.vault_name, with_sizes=False
-            )
-            schema = vault.schema
-            picked = codec.leaf_indices(schema, list(request.leaves))
-            names = [schema.leaves[i].name for i in picked]
-            uids = list(request.vault_uids) or [s.vault_uid for s in vault.streams]
-            streams = [await self._open_for_read(vault, uid) for uid in uids]
-            seed = request.seed if request.HasField("seed") else None
-            windows = _draw_windows(
-                schema, streams, request.batch_size, request.sequence_length, seed
-            )
-            row_bytes = request.sequence_length * sum(schema.leaves[i].step_bytes for i in picked)
-            per_message = max(1, self._config.message_bytes // max(1, row_bytes))
+            check_sample(self._config, request.batch_size)
             logger.debug(
                 "Sample %s %dx%d", request.vault_name, request.batch_size, request.sequence_length
             )
-            for lo in range(0, len(windows), per_message):
-                group = windows[lo : lo + per_message]
-                message = await asyncio.to_thread(
-                    _sample_message, streams, group, lo, request.sequence_length, names
-                )
-                if lo == 0:
-                    message.structure.CopyFrom(codec.schema_to_proto(schema))
-                yield message
+            # One worker-thread call finds the streams, draws and reads the first message: a
+            # batch is a few milliseconds, and each hop to a thread and back costs ~0.1 ms.
+            plan, message = await asyncio.to_thread(self._plan_sample, request)
+            yield message
+            for lo in range(plan.per_message, len(plan.windows), plan.per_message):
+                yield await asyncio.to_thread(plan.message, lo)
+
+    def _plan_sample(
+        self, request: vault_pb2.SampleRequest
+    ) -> tuple[_SamplePlan, vault_pb2.SampleResponse]:
+        """Draws a Sample call's windows and reads its first message (blocks: worker thread)."""
+        vault = self._store.get_vault(request.vault_name, with_sizes=False)
+        schema = vault.schema
+        picked = codec.leaf_indices(schema, list(request.leaves))
+        # Each stream once: a request naming one stream a million times opens it once.
+        uids = list(dict.fromkeys(request.vault_uids)) or [s.vault_uid for s in vault.streams]
+        streams = [self._open_checked(vault, uid) for uid in uids]
+        seed = request.seed if request.HasField("seed") else None
+        windows = _draw_windows(schema, streams, request.batch_size, request.sequence_length, seed)
+        row_bytes = request.sequence_length * sum(schema.leaves[i].step_bytes for i in picked)
+        if row_bytes > message_room(self._config, len(picked)):
+            raise InvalidArgumentError(
+                f"one window of {request.sequence_length} steps holds {row_bytes} bytes, more "
+                f"than a message carries (max_message_bytes {self._config.max_message_bytes}); "
+                "lower sequence_length or select fewer leaves"
+            )
+        plan = _SamplePlan(
+            streams=streams,
+            windows=windows,
+            sequence_length=request.sequence_length,
+            names=[schema.leaves[i].name for i in picked],
+            per_message=max(1, self._config.message_bytes // max(1, row_bytes)),
+        )
+        message = plan.message(0)
+        message.structure.CopyFrom(codec.schema_to_proto(schema))
+        return plan, message
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a future's exception retrieved (its caller went away or reports it otherwise)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _releaser(nbytes: int, *budgets: ByteBudget) -> Callable[[asyncio.Future[int]], None]:
@@ -636,6 +735,22 @@ def _read_messages(
 
 
 _Window = tuple[int, int, int]  # (stream index, batch row, start offset)
+
+
+@dataclass(frozen=True)
+class _SamplePlan:
+    """The windows a Sample call drew, and how they split into messages."""
+
+    streams: Sequence[Stream]
+    windows: Sequence[_Window]
+    sequence_length: int
+    names: Sequence[str]
+    per_message: int
+
+    def message(self, first: int) -> vault_pb2.SampleResponse:
+        """The message of windows `[first, first + per_message)` (blocks: worker thread)."""
+        group = self.windows[first : first + self.per_message]
+        return _sample_message(self.streams, group, first, self.sequence_length, self.names)
 
 
 def _draw_windows(

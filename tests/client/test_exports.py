@@ -28,6 +28,7 @@ def test_public_names() -> None:
             "VaultReader",
             "__version__",
             "counted",
+            "tls_credentials",
         ]
     )
     for name in expvault.__all__:

@@ -19,8 +19,26 @@ SERVE_FLAGS = {
     "--message-bytes": "EXPVAULT_MESSAGE_BYTES",
     "--max-inflight-bytes-per-stream": "EXPVAULT_MAX_INFLIGHT_BYTES_PER_STREAM",
     "--max-inflight-bytes": "EXPVAULT_MAX_INFLIGHT_BYTES",
+    "--max-vaults": "EXPVAULT_MAX_VAULTS",
+    "--max-streams-per-vault": "EXPVAULT_MAX_STREAMS_PER_VAULT",
+    "--max-leaves": "EXPVAULT_MAX_LEAVES",
+    "--max-step-bytes": "EXPVAULT_MAX_STEP_BYTES",
+    "--max-sample-batch": "EXPVAULT_MAX_SAMPLE_BATCH",
+    "--tls-cert": "EXPVAULT_TLS_CERT",
+    "--tls-key": "EXPVAULT_TLS_KEY",
+    "--tls-client-ca": "EXPVAULT_TLS_CLIENT_CA",
+    "--token-file": "EXPVAULT_TOKEN_FILE",
     "--shutdown-grace-s": "EXPVAULT_SHUTDOWN_GRACE_S",
     "--log-level": "EXPVAULT_LOG_LEVEL",
+}
+CLIENT_FLAGS = {
+    "--target": "EXPVAULT_TARGET",
+    "--timeout-s": "EXPVAULT_TIMEOUT_S",
+    "--tls-ca": "EXPVAULT_TLS_CA",
+    "--tls-client-cert": "EXPVAULT_TLS_CLIENT_CERT",
+    "--tls-client-key": "EXPVAULT_TLS_CLIENT_KEY",
+    "--tls-server-name": "EXPVAULT_TLS_SERVER_NAME",
+    "--token": "EXPVAULT_TOKEN",
 }
 
 
@@ -41,7 +59,10 @@ def test_help_documents_every_flag_and_its_variable(capsys: pytest.CaptureFixtur
     for command in ("ls", "info", "health"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
-        assert "EXPVAULT_TARGET" in " ".join(capsys.readouterr().out.split())
+        text = " ".join(capsys.readouterr().out.split())
+        for flag, env in CLIENT_FLAGS.items():
+            assert flag in text
+            assert env in text
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     overview = capsys.readouterr().out
@@ -94,6 +115,13 @@ def test_config_is_checked(tmp_path: Path) -> None:
         ({"max_inflight_bytes": 1, "max_inflight_bytes_per_stream": 2}, "must be >="),
         ({"shutdown_grace_s": -1}, "shutdown_grace_s must be >= 0"),
         ({"log_level": "LOUD"}, "log_level must be one of"),
+        ({"max_vaults": 0}, "max_vaults must be >= 1"),
+        ({"max_streams_per_vault": 0}, "max_streams_per_vault must be >= 1"),
+        ({"max_leaves": 0}, "max_leaves must be >= 1"),
+        ({"max_step_bytes": -5}, "max_step_bytes must be >= 1"),
+        ({"max_sample_batch": 0}, "max_sample_batch must be >= 1"),
+        ({"tls_key": "k.pem"}, "both --tls-cert and --tls-key"),
+        ({"tls_client_ca": "ca.pem"}, "needs TLS"),
     ]
     for fields, message in bad:
         with pytest.raises(InvalidArgumentError, match=message):
@@ -103,6 +131,8 @@ def test_config_is_checked(tmp_path: Path) -> None:
 def test_serve_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve", "--max-message-bytes", "0"]) == 2
     assert "max_message_bytes must be >= 1" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-vaults", "0"]) == 2
+    assert "max_vaults must be >= 1" in capsys.readouterr().err
 
 
 def test_client_commands_report_an_absent_server(capsys: pytest.CaptureFixture[str]) -> None:

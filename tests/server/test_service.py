@@ -576,3 +576,105 @@ def test_follow_one_stream_waits_for_it_and_ends_at_stop(
     rest = list(call)  # ends OK at stop
     assert [(m.start, m.num_steps) for m in rest] == [(4, 3)]
     assert_experience(_decode([header, first, *rest]), 2, 7)
+
+
+# -- configured limits ---------------------------------------------------------------------------
+
+
+def _refusal(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    error_info = _error_info(info.value)
+    return info.value.code(), info.value.details() or "", dict(error_info.metadata)
+
+
+def test_configured_limits_are_resource_exhausted(
+    make_server: Callable[..., ServerThread], tmp_path: Any
+) -> None:
+    few_leaves = make_server(root=tmp_path / "a", max_leaves=2)
+    with grpc.insecure_channel(few_leaves.target) as channel:
+        code, details, meta = _refusal(lambda: _create(vault_pb2_grpc.VaultServiceStub(channel)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 leaves; the server's limit max_leaves is 2" in details
+    assert "--max-leaves or EXPVAULT_MAX_LEAVES" in details
+    assert meta["limit"] == "max_leaves"
+
+    # The test structure's step is B=2 rows x (4 + 12 + 4) bytes = 40 bytes.
+    limits = {
+        "max_vaults": 2, "max_step_bytes": 40, "max_sample_batch": 3, "max_streams_per_vault": 2,
+    }  # fmt: skip
+    server = make_server(root=tmp_path / "b", max_message_bytes=8192, message_bytes=1024, **limits)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vault_pb2_grpc.VaultServiceStub(channel)
+        assert _create(stub, "v").created
+        assert _create(stub, "w").created
+        assert not _create(stub, "v").created  # an existing vault counts once
+        code, details, meta = _refusal(lambda: _create(stub, "x"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "holds 2 vaults; the server's limit max_vaults is 2" in details
+        assert meta == {"limit": "max_vaults", "limit_value": "2"}
+        stub.DeleteVault(vault_pb2.DeleteVaultRequest(vault_name="w"), timeout=10)
+        wide = _bad_structure()
+        wide.leaves[1].step_shape[:] = [4]  # a scalar leaf becomes (4,): 64 bytes a step
+        code, details, meta = _refusal(
+            lambda: stub.CreateVault(
+                vault_pb2.CreateVaultRequest(vault_name="x", structure=wide), timeout=10
+            )
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "holds 64 bytes" in details
+        assert "max_step_bytes is 40 (raise it with --max-step-bytes" in details
+        assert _append(stub, [_open(), _chunk(0, 10)])[1] is None
+        assert _append(stub, [_open("b"), _chunk(0, 2)])[1] is None
+        _, error = _append(stub, [_open("c"), _chunk(0, 2)])
+        assert error is not None
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "vault 'v' has 2 streams; the server's limit max_streams_per_vault is 2" in (
+            error.details() or ""
+        )
+        assert not (tmp_path / "b" / "v" / "c").exists()  # refused before anything was made
+        assert _append(stub, [_open("b"), _chunk(2, 4)])[1] is None  # existing streams go on
+        sample = vault_pb2.SampleRequest(vault_name="v", batch_size=4, sequence_length=2)
+        code, details, meta = _refusal(lambda: list(stub.Sample(sample, timeout=10)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Sample asks for 4 windows; the server's limit max_sample_batch is 3" in details
+        sample.batch_size = 3
+        assert sum(len(m.starts) for m in stub.Sample(sample, timeout=10)) == 3
+        assert [v for v in stub.ListVaults(vault_pb2.ListVaultsRequest()).vault_names] == ["v"]
+    server.stop()
+
+    # The same root under a lower step limit: the vault stays readable, appends are refused.
+    lower = make_server(root=tmp_path / "b", max_step_bytes=32)
+    with grpc.insecure_channel(lower.target) as channel:
+        stub = vault_pb2_grpc.VaultServiceStub(channel)
+        _, error = _append(stub, [_open(), _chunk(10, 12)])
+        assert error is not None
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_step_bytes is 32" in (error.details() or "")
+        assert_experience(_decode(_read(stub, vault_uid="a")), 0, 10)
+
+
+def test_steps_and_windows_must_fit_a_message(make_server: Callable[..., ServerThread]) -> None:
+    server = make_server(max_message_bytes=4096, message_bytes=1024)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vault_pb2_grpc.VaultServiceStub(channel)
+        big = _bad_structure()
+        big.leaves[1].step_shape[:] = [1000]  # 2 rows x 4000 bytes a step
+        code, details, meta = _refusal(
+            lambda: stub.CreateVault(
+                vault_pb2.CreateVaultRequest(vault_name="big", structure=big), timeout=10
+            )
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than one message carries" in details
+        assert meta["limit"] == "max_message_bytes"
+        _create(stub)
+        assert _append(stub, [_open(), _chunk(0, 50), _chunk(50, 100)])[1] is None
+        # One window of 90 steps of one row is 90 x 20 = 1800 bytes: fits; 200 steps do not.
+        request = vault_pb2.SampleRequest(vault_name="v", batch_size=2, sequence_length=90)
+        assert sum(len(m.starts) for m in stub.Sample(request, timeout=10)) == 2
+        assert _append(stub, [_open(), _chunk(100, 175), _chunk(175, 250)])[1] is None
+        request.sequence_length = 200
+        code, details, _ = _refusal(lambda: list(stub.Sample(request, timeout=10)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one window of 200 steps holds 4000 bytes" in details
