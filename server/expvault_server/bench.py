@@ -1,48 +1,69 @@
-"""Benchmarks measured side by side with their references, in one run, on this machine.
+"""`expvault bench`: expvault measured against flashbax, raw gRPC and the disk, in one run.
 
-Payload (defaults): B=16 envs; per step obs float32 (64,), int32 action, float32 reward, bool done;
-deltas of 128 steps written from a flashbax trajectory buffer of 1024 steps. Every case runs
-`--repeats` times after a warm-up and reports the median and the spread (min..max).
+Every case runs `--repeats` times after a warm-up and reports the median and the spread
+(min..max) of each metric. Ratios are taken between figures measured in the same repetition of
+the same run (repetition `i` of a case against repetition `i` of its reference), never against a
+remembered number. The payload (defaults): B=16 envs; per step obs float32 (64,), int32 action,
+float32 reward, bool done; deltas of 128 steps written from a flashbax trajectory buffer of 1024
+steps; random values, so that no codec flatters the numbers.
 
-Run: `python -m expvault_server.bench` (add `--json` for one JSON object per line).
+The cases live in `expvault_server._bench_cases` (the actor processes in `_bench_actors`, the
+raw gRPC ceilings in `_bench_grpc`); this module holds the command, the settings, the results
+and their output.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
-import re
+import math
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from expvault.storage import files
+from expvault_server.cli import Command
+
+__all__ = [
+    "COMMAND",
+    "BenchSettings",
+    "Payload",
+    "Progress",
+    "Result",
+    "main",
+    "run_bench",
+    "spread",
+    "summarise",
+]
 
 
 class Transition(NamedTuple):
     """The benchmark payload's step."""
 
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    done: jax.Array
+    obs: Any
+    action: Any
+    reward: Any
+    done: Any
 
 
 @dataclass(frozen=True)
 class Payload:
-    """What is written: `writes` deltas of `delta_steps` steps from a ring of `buffer_steps`."""
+    """What actors write: deltas of `delta_steps` steps from a flashbax ring of `buffer_steps`.
+
+    Attributes:
+        envs: `B`, the buffer's batch size.
+        obs_dim: length of the float32 observation of one env and step.
+        delta_steps: steps added to the buffer between two writes.
+        buffer_steps: the ring's length.
+        writes: deltas written per run by the in-process and single-actor cases.
+    """
 
     envs: int = 16
     obs_dim: int = 64
@@ -52,11 +73,18 @@ class Payload:
 
     @property
     def step_bytes(self) -> int:
-        """Bytes of one time step across the batch."""
+        """Bytes of one time step across the batch (all leaves)."""
         return self.envs * (4 * self.obs_dim + 4 + 4 + 1)
+
+    @property
+    def delta_bytes(self) -> int:
+        """Bytes of one delta."""
+        return self.delta_steps * self.step_bytes
 
     def example(self) -> Transition:
         """One step of one env, for `buffer.init`."""
+        import jax.numpy as jnp
+
         return Transition(
             obs=jnp.zeros((self.obs_dim,), jnp.float32),
             action=jnp.zeros((), jnp.int32),
@@ -77,351 +105,347 @@ class Payload:
             period=1,
         )
 
-    def deltas(self, seed: int) -> list[Transition]:
-        """Random deltas `(B, delta_steps, ...)` on the device (random: no codec flatters it)."""
+    def arrays(self, rng: np.random.Generator, steps: int) -> Transition:
+        """Random numpy leaves `(B, steps, ...)`."""
+        shape = (self.envs, steps)
+        return Transition(
+            obs=rng.standard_normal((*shape, self.obs_dim), np.float32),
+            action=rng.integers(0, 16, shape, np.int32),
+            reward=rng.standard_normal(shape, np.float32),
+            done=rng.random(shape) < 0.01,
+        )
+
+    def deltas(self, seed: int, count: int | None = None) -> list[Transition]:
+        """`count` (default `writes`) random deltas `(B, delta_steps, ...)` on the device."""
+        import jax.numpy as jnp
+
         rng = np.random.default_rng(seed)
-        shape = (self.envs, self.delta_steps)
         return [
-            Transition(
-                obs=jnp.asarray(rng.standard_normal((*shape, self.obs_dim), np.float32)),
-                action=jnp.asarray(rng.integers(0, 16, shape, np.int32)),
-                reward=jnp.asarray(rng.standard_normal(shape, np.float32)),
-                done=jnp.asarray(rng.random(shape) < 0.01),
-            )
-            for _ in range(self.writes)
+            Transition(*(jnp.asarray(a) for a in self.arrays(rng, self.delta_steps)))
+            for _ in range(self.writes if count is None else count)
         ]
 
 
 @dataclass(frozen=True)
+class BenchSettings:
+    """What one `expvault bench` run measures, and how much of it.
+
+    Attributes:
+        payload: the experience actors write.
+        repeats: measured runs of every case, after one warm-up run.
+        root: directory under which the run creates (and then removes) its data; the disk
+            ceiling is measured there too.
+        actors: actor processes of the aggregate case.
+        actors_mb: megabytes (1e6 bytes) all actors stream together, per run.
+        read_mb: size of the vault read remotely and by flashbax, and sampled from.
+        ceiling_mb: megabytes moved per run by the raw gRPC and disk ceilings.
+        growth_small_steps: the short stream of the append-growth case.
+        growth_large_steps: the long stream of the append-growth case.
+        growth_appends: appends of `delta_steps` timed per run of the append-growth case.
+        latency_writes: `write(wait=False)` calls timed per run.
+        latency_interval_s: time between two of those writes (an actor's pace).
+        sample_batches: `sample` calls timed per run.
+    """
+
+    payload: Payload = field(default_factory=Payload)
+    repeats: int = 3
+    root: str = "."
+    actors: int = 4
+    actors_mb: int = 2000
+    read_mb: int = 1000
+    ceiling_mb: int = 512
+    growth_small_steps: int = 10_000
+    growth_large_steps: int = 10_000_000
+    growth_appends: int = 256
+    latency_writes: int = 600
+    latency_interval_s: float = 0.004
+    sample_batches: int = 200
+
+    @classmethod
+    def quick(cls, **changes: Any) -> BenchSettings:
+        """Smaller sizes, the same code paths: under a minute on a 2-core machine."""
+        base = cls(
+            payload=Payload(writes=8),
+            actors_mb=64,
+            read_mb=64,
+            ceiling_mb=64,
+            growth_large_steps=1_000_000,
+            growth_appends=64,
+            latency_writes=100,
+            sample_batches=40,
+        )
+        return dataclasses.replace(base, **changes)
+
+
+Metric = tuple[float, float, float]  # median, min, max
+
+
+@dataclass(frozen=True)
 class Result:
-    """One case's medians and spreads."""
+    """One case: the medians and spreads of its metrics over its measured runs.
+
+    Attributes:
+        case: stable identifier, e.g. `"write.remote_1actor"`.
+        title: what was measured, for people.
+        runs: measured runs (the warm-up excluded).
+        metrics: name -> (median, min, max); names carry their unit (`mb_per_s`, `p99_ms`).
+        target: the goal, in words ("" when the case has none).
+        ok: whether the median meets the target (None without a target).
+        info: settings of the case (sizes, counts), reported as they are.
+    """
 
     case: str
+    title: str
     runs: int
-    metrics: dict[str, tuple[float, float, float]]  # name -> (median, min, max)
+    metrics: dict[str, Metric]
+    target: str = ""
+    ok: bool | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """The case as one JSON object: `{"case", "runs", "<metric>": median, ...}`."""
-        out: dict[str, Any] = {"case": self.case, "runs": self.runs}
+        """The case as one JSON object (the keys are documented in the README)."""
+        out: dict[str, Any] = {"case": self.case, "title": self.title, "runs": self.runs}
         for name, (median, lo, hi) in self.metrics.items():
             out[name] = median
             out[f"{name}_min"] = lo
             out[f"{name}_max"] = hi
+        out["target"] = self.target or None
+        out["ok"] = self.ok
+        out.update(self.info)
         return out
 
 
-def _summarise(case: str, samples: Sequence[dict[str, float]]) -> Result:
-    metrics = {
+def summarise(samples: Sequence[dict[str, float]]) -> dict[str, Metric]:
+    """Median, min and max of each metric over the runs' samples (every sample has every key)."""
+    return {
         name: (
-            statistics.median(s[name] for s in samples),
-            min(s[name] for s in samples),
-            max(s[name] for s in samples),
+            float(statistics.median(s[name] for s in samples)),
+            float(min(s[name] for s in samples)),
+            float(max(s[name] for s in samples)),
         )
         for name in samples[0]
     }
-    return Result(case, len(samples), metrics)
 
 
-def _write_run(
-    payload: Payload, make_vault: Callable[[Any, str], Any], root: str, seed: int
-) -> dict[str, float]:
-    """Writes the payload through `make_vault(experience, root)`; times writes and a full read."""
-    buffer = payload.buffer()
-    add = jax.jit(buffer.add, donate_argnums=0)
-    state = buffer.init(payload.example())
-    vault = make_vault(state.experience, root)
-    deltas = payload.deltas(seed)
-    write_s = 0.0
-    for delta in deltas:
-        state = add(state, delta)
-        jax.block_until_ready(state)  # type: ignore[no-untyped-call]
-        t0 = time.perf_counter()
-        vault.write(state)
-        write_s += time.perf_counter() - t0
-    if hasattr(vault, "close"):
-        vault.close()
-    steps = payload.writes * payload.delta_steps
-    nbytes = steps * payload.step_bytes
-    disk = files.bytes_on_disk(Path(root))
-    reader = make_vault(None, root)
-    t0 = time.perf_counter()
-    read = reader.read()
-    jax.block_until_ready(read.experience)  # type: ignore[no-untyped-call]
-    read_s = time.perf_counter() - t0
-    read_steps = int(jax.tree_util.tree_leaves(read.experience)[0].shape[1])
-    if read_steps != steps:
-        raise RuntimeError(f"read {read_steps} steps, wrote {steps}")
-    if hasattr(reader, "close"):
-        reader.close()
-    return {
-        "write_steps_per_s": steps / write_s,
-        "write_mb_per_s": nbytes / write_s / 1e6,
-        "disk_per_byte": disk / nbytes,
-        "read_mb_per_s": nbytes / read_s / 1e6,
-    }
+def spread(values: Sequence[float]) -> Metric:
+    """Median, min and max of one metric's values (one per run)."""
+    return (float(statistics.median(values)), float(min(values)), float(max(values)))
 
 
-def _flashbax_vault(experience: Any, root: str) -> Any:
-    import contextlib
-    import io
-
-    from flashbax.vault import Vault as FlashbaxVault
-
-    with contextlib.redirect_stdout(io.StringIO()):  # flashbax prints on open
-        if experience is None:
-            return FlashbaxVault("bench", rel_dir=root, vault_uid="run")
-        return FlashbaxVault(
-            "bench", experience_structure=experience, rel_dir=root, vault_uid="run"
-        )
+def paired_ratio(cases: Sequence[float], references: Sequence[float]) -> list[float]:
+    """`case[i] / reference[i]`: each ratio between figures of the same repetition."""
+    return [c / r if r else math.inf for c, r in zip(cases, references, strict=True)]
 
 
-def _expvault_vault(compression: str | None) -> Callable[[Any, str], Any]:
-    def make(experience: Any, root: str) -> Any:
-        from expvault import Vault
+class Progress:
+    """A progress bar on `stream` when it is a terminal; one line per step otherwise.
 
-        if experience is None:
-            return Vault("bench", rel_dir=root, vault_uid="run")
-        return Vault(
-            "bench",
-            experience_structure=experience,
-            rel_dir=root,
-            vault_uid="run",
-            compression=compression,
-        )
+    Args:
+        total: steps the run will take.
+        stream: where to draw (stderr).
+    """
 
-    return make
+    WIDTH = 30
 
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self._stream = stream
+        self._live = hasattr(stream, "isatty") and stream.isatty()
+        self._started = time.perf_counter()
+        self._last_width = 0
 
-def storage_cases(payload: Payload, repeats: int) -> list[Result]:
-    """In-process writes and full reads: expvault.Vault against flashbax.vault.Vault."""
-    cases: list[tuple[str, Callable[[Any, str], Any]]] = [
-        ("flashbax.Vault (gzip 5, its default)", _flashbax_vault),
-        ("expvault.Vault (lz4, default)", _expvault_vault(None)),
-        ("expvault.Vault (no compression)", _expvault_vault("none")),
-    ]
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name, _ in cases}
-    for run in range(repeats + 1):  # run 0 warms up (jit, imports, page cache)
-        for name, make in cases:
-            with tempfile.TemporaryDirectory(prefix="expvault-bench-") as root:
-                sample = _write_run(payload, make, root, seed=run)
-            if run:
-                samples[name].append(sample)
-            _progress(f"{name}: run {run}/{repeats}")
-    results = [_summarise(name, s) for name, s in samples.items()]
-    reference = results[0].metrics
-    for result in results[1:]:
-        for metric in ("write_steps_per_s", "read_mb_per_s"):
-            result.metrics[f"{metric}_vs_flashbax"] = _ratio(
-                result.metrics[metric], reference[metric]
-            )
-    return results
-
-
-# -- remote cases --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _server(root: str) -> Iterator[str]:
-    """`expvault serve` as a subprocess on a free loopback port; yields its address."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "expvault_server.cli",
-            "serve",
-            "--root",
-            root,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if match := re.search(r"serving on (\S+)", line):
-                break
+    def step(self, label: str, count: int = 1) -> None:
+        """Marks `count` steps done; `label` says what just finished."""
+        self.done = min(self.total, self.done + count)
+        elapsed = time.perf_counter() - self._started
+        head = f"[{self.done:3d}/{self.total}] {elapsed:6.1f} s  {label}"
+        if self._live:
+            filled = self.WIDTH * self.done // self.total
+            line = f"\r{'#' * filled}{'.' * (self.WIDTH - filled)} {head}"
+            pad = max(0, self._last_width - len(line))
+            self._stream.write(line + " " * pad)
+            self._last_width = len(line)
+            if self.done == self.total:
+                self._stream.write("\n")
         else:
-            raise RuntimeError("expvault serve exited before listening")
-        threading.Thread(target=process.stderr.read, daemon=True).start()  # drain its log
-        yield match.group(1)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+            self._stream.write(f"expvault bench {head}\n")
+        self._stream.flush()
+
+    def note(self, text: str) -> None:
+        """Prints a line of its own (above the bar)."""
+        if self._live and self._last_width:
+            self._stream.write("\r" + " " * self._last_width + "\r")
+            self._last_width = 0
+        self._stream.write(f"expvault bench: {text}\n")
+        self._stream.flush()
 
 
-class _RemoteActor:
-    """An actor writing the payload through `RemoteVault`; set up (jit, data) before timing."""
+def run_bench(settings: BenchSettings, progress: Progress | None = None) -> list[Result]:
+    """Runs every case; returns the results (ceilings first).
 
-    def __init__(self, target: str, uid: str, payload: Payload, seed: int) -> None:
-        from expvault import RemoteVault
+    Raises:
+        RuntimeError: a case could not run (a subprocess failed, data did not round-trip).
+    """
+    from expvault_server._bench_cases import run_all, total_steps  # imports this module
 
-        buffer = payload.buffer()
-        self.payload = payload
-        self.add = jax.jit(buffer.add, donate_argnums=0)
-        self.state = buffer.init(payload.example())
-        self.deltas = payload.deltas(seed)
-        self.state = self.add(self.state, self.deltas[0])  # compile before the clock starts
-        self.vault = RemoteVault(target, "bench", self.state.experience, vault_uid=uid)
-        self.vault.write(self.state)
-
-    def run(self, wait: bool) -> dict[str, float]:
-        """Adds and writes every delta; returns timings (the last flush included)."""
-        write_s = 0.0
-        latencies = []
-        for delta in self.deltas:
-            self.state = self.add(self.state, delta)
-            jax.block_until_ready(self.state)  # type: ignore[no-untyped-call]
-            t0 = time.perf_counter()
-            self.vault.write(self.state, wait=wait)
-            latencies.append(time.perf_counter() - t0)
-            write_s += latencies[-1]
-        t0 = time.perf_counter()
-        self.vault.flush()
-        write_s += time.perf_counter() - t0
-        self.vault.close()
-        steps = self.payload.writes * self.payload.delta_steps
-        return {
-            "steps": steps,
-            "bytes": steps * self.payload.step_bytes,
-            "write_s": write_s,
-            "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3),
-            "latency_p99_ms": float(np.percentile(latencies, 99) * 1e3),
-        }
+    progress = progress or Progress(total_steps(settings))
+    Path(settings.root).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".expvault-bench-", dir=settings.root) as work:
+        return run_all(settings, Path(work), progress)
 
 
-def _actor_process(args: tuple[str, str, Payload, int, Any, Any]) -> None:
-    target, uid, payload, seed, ready, results = args
-    actor = _RemoteActor(target, uid, payload, seed)
-    ready.wait()
-    started = time.perf_counter()
-    sample = actor.run(wait=False)
-    results.put((started, time.perf_counter(), sample["bytes"]))
-
-
-def _wait_for_streams(target: str, count: int) -> None:
-    """Waits until `count` actors opened their streams (set-up done), with a deadline."""
-    from expvault import VaultReader
-
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception), VaultReader(target, "bench") as reader:
-            if sum(uid.startswith("actor-") for uid in reader.streams()) >= count:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{count} actors did not start within 300 s")
-
-
-def remote_cases(payload: Payload, repeats: int, actors: int = 4) -> list[Result]:
-    """Measures RemoteVault and VaultReader: one actor, `actors` at once, reads, samples."""
-    import multiprocessing as mp
-
-    from expvault import VaultReader
-
-    one: list[dict[str, float]] = []
-    many: list[dict[str, float]] = []
-    reads: list[dict[str, float]] = []
-    samples: list[dict[str, float]] = []
-    ctx = mp.get_context("spawn")
-    for run in range(repeats + 1):
-        with tempfile.TemporaryDirectory(prefix="expvault-bench-") as root, _server(root) as target:
-            sample = _RemoteActor(target, "single", payload, seed=run).run(wait=True)
-            steps = sample["steps"]
-            one.append(
-                {
-                    "write_steps_per_s": steps / sample["write_s"],
-                    "write_mb_per_s": sample["bytes"] / sample["write_s"] / 1e6,
-                }
-            )
-            ready, results = ctx.Event(), ctx.Queue()
-            processes = [
-                ctx.Process(
-                    target=_actor_process,
-                    args=((target, f"actor-{a}", payload, run * 10 + a, ready, results),),
-                )
-                for a in range(actors)
-            ]
-            for process in processes:
-                process.start()
-            _wait_for_streams(target, actors)
-            ready.set()
-            spans = [results.get(timeout=600) for _ in processes]
-            for process in processes:
-                process.join()
-            elapsed = max(s[1] for s in spans) - min(s[0] for s in spans)
-            many.append({"aggregate_mb_per_s": sum(s[2] for s in spans) / elapsed / 1e6})
-            with VaultReader(target, "bench") as reader:
-                t0 = time.perf_counter()
-                tree = reader.read(0, None, vault_uid="actor-0")
-                read_s = time.perf_counter() - t0
-                n = int(jax.tree_util.tree_leaves(tree)[0].shape[1])
-                reads.append({"read_mb_per_s": n * payload.step_bytes / read_s / 1e6})
-                reader.sample(32, 64, seed=0)
-                times = []
-                for i in range(40):
-                    t0 = time.perf_counter()
-                    reader.sample(32, 64, seed=i)
-                    times.append(time.perf_counter() - t0)
-                samples.append(
-                    {
-                        "batches_per_s": len(times) / sum(times),
-                        "latency_p99_ms": float(np.percentile(times, 99) * 1e3),
-                    }
-                )
-        _progress(f"remote: run {run}/{repeats}")
-    return [
-        _summarise("RemoteVault, 1 actor, write() waits for durable ack", one[1:]),
-        _summarise(f"RemoteVault, {actors} actor processes, aggregate, durable", many[1:]),
-        _summarise("VaultReader.read, full stream", reads[1:]),
-        _summarise("VaultReader.sample, batch 32 x 64 steps", samples[1:]),
-    ]
-
-
-def _ratio(
-    a: tuple[float, float, float], b: tuple[float, float, float]
-) -> tuple[float, float, float]:
-    """Median ratio, and the ratios of the spreads' ends (worst and best case)."""
-    return (a[0] / b[0], a[1] / b[2], a[2] / b[1])
-
-
-def _progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
-def print_table(results: Sequence[Result]) -> None:
-    """Prints results as an aligned table of `median (min..max)`."""
+def print_table(results: Sequence[Result], out: TextIO = sys.stdout) -> None:
+    """Prints the results: one block per case, each metric as `median (min .. max)`."""
     for result in results:
-        print(f"{result.case}  [{result.runs} runs]")
+        status = {True: "meets target", False: "MISSES target", None: ""}[result.ok]
+        target = f"  target: {result.target}" if result.target else ""
+        print(f"{result.title}  [{result.case}, {result.runs} runs]{target}  {status}", file=out)
         for name, (median, lo, hi) in result.metrics.items():
-            print(f"    {name:32s} {median:12.3f}   ({lo:.3f} .. {hi:.3f})")
+            print(f"    {name:28s} {_fmt(median):>12}   ({_fmt(lo)} .. {_fmt(hi)})", file=out)
+        if result.info:
+            details = ", ".join(f"{k}={v}" for k, v in result.info.items())
+            print(f"    ({details})", file=out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the storage benchmark; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m expvault_server.bench", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs per case (>= 1)")
-    parser.add_argument("--writes", type=int, default=Payload.writes, help="deltas per run")
-    parser.add_argument("--envs", type=int, default=Payload.envs, help="B, envs per buffer")
-    parser.add_argument("--delta-steps", type=int, default=Payload.delta_steps)
-    parser.add_argument("--json", action="store_true", help="one JSON object per case per line")
-    parser.add_argument("--storage-only", action="store_true", help="skip the gRPC cases")
-    args = parser.parse_args(argv)
-    payload = Payload(envs=args.envs, delta_steps=args.delta_steps, writes=args.writes)
-    results = storage_cases(payload, max(1, args.repeats))
-    if not args.storage_only:
-        remote = remote_cases(payload, max(1, args.repeats))
-        flashbax = results[0].metrics["write_steps_per_s"]
-        remote[0].metrics["write_steps_per_s_vs_flashbax"] = _ratio(
-            remote[0].metrics["write_steps_per_s"], flashbax
+def _fmt(value: float) -> str:
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    defaults = BenchSettings()
+    payload = defaults.payload
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller sizes, the same cases (< 60 s)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per case")
+    parser.add_argument(
+        "--root",
+        default=".",
+        help="directory for the run's data (removed afterwards); put it on the disk vaults "
+        "will live on (default: the current directory)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, help=f"measured runs per case (default {defaults.repeats})"
+    )
+    parser.add_argument("--envs", type=int, help=f"B, envs per buffer (default {payload.envs})")
+    parser.add_argument("--obs-dim", type=int, help=f"obs length (default {payload.obs_dim})")
+    parser.add_argument(
+        "--delta-steps", type=int, help=f"steps per write (default {payload.delta_steps})"
+    )
+    parser.add_argument(
+        "--buffer-steps", type=int, help=f"flashbax ring length (default {payload.buffer_steps})"
+    )
+    parser.add_argument(
+        "--writes", type=int, help=f"deltas per in-process run (default {payload.writes})"
+    )
+    parser.add_argument("--actors", type=int, help=f"actor processes (default {defaults.actors})")
+    parser.add_argument(
+        "--actors-mb", type=int, help=f"MB the actors stream per run (default {defaults.actors_mb})"
+    )
+    parser.add_argument(
+        "--read-mb", type=int, help=f"size of the vault read (default {defaults.read_mb})"
+    )
+    parser.add_argument(
+        "--ceiling-mb", type=int, help=f"MB per ceiling run (default {defaults.ceiling_mb})"
+    )
+    parser.add_argument(
+        "--growth-steps",
+        type=int,
+        dest="growth_large_steps",
+        help=f"long stream of the append-growth case (default {defaults.growth_large_steps})",
+    )
+    parser.add_argument(
+        "--latency-writes",
+        type=int,
+        help=f"write(wait=False) calls per run (default {defaults.latency_writes})",
+    )
+    parser.add_argument(
+        "--sample-batches",
+        type=int,
+        help=f"sample calls per run (default {defaults.sample_batches})",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """The settings `expvault bench` flags select (`--quick` first, then each flag given).
+
+    Raises:
+        ValueError: a size below its minimum.
+    """
+    base = BenchSettings.quick() if args.quick else BenchSettings()
+    payload_changes = {
+        name: getattr(args, name)
+        for name in ("envs", "obs_dim", "delta_steps", "buffer_steps", "writes")
+        if getattr(args, name) is not None
+    }
+    changes: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in (
+            "repeats",
+            "actors",
+            "actors_mb",
+            "read_mb",
+            "ceiling_mb",
+            "growth_large_steps",
+            "latency_writes",
+            "sample_batches",
         )
-        results += remote
+        if getattr(args, name) is not None
+    }
+    settings = dataclasses.replace(
+        base,
+        payload=dataclasses.replace(base.payload, **payload_changes),
+        root=args.root,
+        **changes,
+    )
+    for name in ("repeats", "actors", "actors_mb", "read_mb", "ceiling_mb"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    p = settings.payload
+    if min(p.envs, p.obs_dim, p.delta_steps, p.writes) < 1 or p.buffer_steps < p.delta_steps:
+        raise ValueError("payload sizes must be >= 1, and --buffer-steps >= --delta-steps")
+    if settings.growth_large_steps <= settings.growth_small_steps:
+        raise ValueError(f"--growth-steps must be > {settings.growth_small_steps}")
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"expvault bench: {e}", file=sys.stderr)
+        return 2
+    results = run_bench(settings)
     if args.json:
         for result in results:
-            print(json.dumps(result.as_json()))
+            print(json.dumps(result.as_json()), flush=True)
     else:
         print_table(results)
     return 0
+
+
+COMMAND = Command(
+    "measure expvault against flashbax, raw gRPC and the disk (--quick: < 60 s)",
+    _configure,
+    _run,
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m expvault_server.bench`: the same as `expvault bench`."""
+    parser = argparse.ArgumentParser(prog="expvault bench", description=COMMAND.help)
+    _configure(parser)
+    return _run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
