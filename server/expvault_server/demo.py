@@ -6,6 +6,11 @@ processes that step a small jitted JAX environment into flashbax buffers (wrappe
 stream with `VaultReader.follow` and draws samples. It prints live progress, then checks that the
 learner received every step each actor produced, exactly once and in order, with matching
 checksums.
+
+`expvault demo actor` and `expvault demo learner` run one role alone against a running server
+(`--target`), e.g. one container each: an actor writes stream `actor-<id>`, the learner follows
+`--actors` streams; each prints progress, then its result as one JSON line (steps, checksums),
+and exits 1 when its part of the check failed. Both ride out a server restart.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import multiprocessing as mp
 import queue
 import sys
@@ -29,7 +35,7 @@ import numpy as np
 
 from expvault_server.cli import Command, env_default
 
-__all__ = ["COMMAND", "DemoSettings", "run_demo"]
+__all__ = ["COMMAND", "DemoSettings", "run_demo", "run_role"]
 
 _OBS_DIM = 8
 _MOD = 1 << 32
@@ -59,6 +65,8 @@ class DemoSettings:
     target: str = ""
     sample_batch: int = 32
     sample_length: int = 16
+    reconnect_timeout_s: float = 60.0
+    steps_per_s: float = 0.0
 
     @property
     def steps_per_actor(self) -> int:
@@ -148,7 +156,11 @@ def _actor(actor: int, settings: DemoSettings, target: str, events: Any) -> None
     checksum = 0
     produced = 0
     with expvault.RemoteVault(
-        target, settings.vault_name, state.experience, vault_uid=f"actor-{actor}"
+        target,
+        settings.vault_name,
+        state.experience,
+        vault_uid=f"actor-{actor}",
+        reconnect_timeout_s=settings.reconnect_timeout_s,
     ) as vault:
         started = time.perf_counter()
         while produced < settings.steps_per_actor:
@@ -159,6 +171,10 @@ def _actor(actor: int, settings: DemoSettings, target: str, events: Any) -> None
             events.put(
                 ("actor", actor, produced, vault.committed_index, time.perf_counter() - started)
             )
+            if settings.steps_per_s:  # pace like an environment of that speed
+                ahead_s = started + produced / settings.steps_per_s - time.perf_counter()
+                if ahead_s > 0:
+                    time.sleep(ahead_s)
         vault.flush()
         events.put(("actor_done", actor, produced, vault.committed_index, checksum))
 
@@ -168,15 +184,13 @@ def _actor(actor: int, settings: DemoSettings, target: str, events: Any) -> None
 
 def _learner(settings: DemoSettings, target: str, events: Any) -> None:
     """The learner process: follows every stream, checks each step arrives once, samples."""
-    import expvault
-
     expected = settings.steps_per_actor
     received: dict[str, int] = {}
     checksums: dict[str, int] = {}
     problems: list[str] = []
     samples = 0
     last_sample = 0.0
-    with expvault.VaultReader(target, settings.vault_name) as reader:
+    with _open_reader(settings, target) as reader:
         for uid, start, experience in reader.follow(all_streams=True):
             n = int(experience["step"].shape[1])
             if start != received.get(uid, 0):
@@ -199,6 +213,22 @@ def _learner(settings: DemoSettings, target: str, events: Any) -> None:
             if len(received) == settings.actors and all(v >= expected for v in received.values()):
                 break
     events.put(("learner_done", dict(received), dict(checksums), samples, problems))
+
+
+def _open_reader(settings: DemoSettings, target: str) -> Any:
+    """A `VaultReader` of the demo's vault; waits (up to the reconnect timeout) for its creation."""
+    import expvault
+
+    deadline = time.monotonic() + settings.reconnect_timeout_s
+    while True:
+        try:
+            return expvault.VaultReader(
+                target, settings.vault_name, reconnect_timeout_s=settings.reconnect_timeout_s
+            )
+        except expvault.NotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 # -- orchestration ------------------------------------------------------------------------------
@@ -400,8 +430,117 @@ def _summary(settings: DemoSettings, progress: _Progress, out: Any) -> bool:
     return ok
 
 
+# -- one role alone (a container each) -----------------------------------------------------------
+
+
+class _RoleReport:
+    """Stands in for the event queue when a role runs alone: prints progress, keeps the result."""
+
+    def __init__(self, settings: DemoSettings, out: Any) -> None:
+        self._settings = settings
+        self._out = out
+        self._last_print = 0.0
+        self.result: tuple[Any, ...] | None = None
+
+    def put(self, event: tuple[Any, ...]) -> None:
+        """Takes one event of `_actor` or `_learner`; prints a progress line at most each second."""
+        kind = event[0]
+        if kind in ("actor_done", "learner_done"):
+            self.result = event
+            return
+        now = time.monotonic()
+        if now - self._last_print < 1.0:
+            return
+        self._last_print = now
+        if kind == "actor":
+            _, actor, produced, committed, elapsed = event
+            rate = produced * self._settings.envs / max(elapsed, 1e-9) / 1e3
+            line = (
+                f"actor-{actor}: produced {produced}/{self._settings.steps_per_actor}, "
+                f"committed {committed} ({rate:.1f}k env-steps/s)"
+            )
+        else:
+            _, received, samples = event
+            line = f"learner: received {received}, samples {samples}"
+        print(line, file=self._out, flush=True)
+
+
+def run_role(
+    role: str, settings: DemoSettings, actor_id: int = 0, *, out: Any = sys.stdout
+) -> bool:
+    """Runs one role of the demo in this process against the server `settings.target`.
+
+    An actor writes stream `actor-<actor_id>`; the learner follows the vault until each of
+    `settings.actors` streams has `settings.steps_per_actor` steps. Both keep going through a
+    server restart shorter than `settings.reconnect_timeout_s`. The last line printed to `out`
+    is the result as JSON: for an actor `{"role": "actor", "vault_name", "vault_uid",
+    "produced", "committed", "checksum"}`, for the learner `{"role": "learner", "vault_name",
+    "received": {uid: steps}, "checksums": {uid: checksum}, "samples", "problems": [...]}`.
+    Checksums are `_checksum`'s (uint32 sums of every leaf's 32-bit words, mod 2**32).
+
+    Args:
+        role: `"actor"` or `"learner"`.
+        settings: what to run; `target` and `vault_name` must be set.
+        actor_id: the actor's number (its stream is `actor-<actor_id>`; it seeds the actor).
+        out: where progress and the result go.
+
+    Returns:
+        True when the role's part of the check passed: the actor had every step acknowledged;
+        the learner received every step of every actor once, in order.
+
+    Raises:
+        ValueError: `role` is neither `"actor"` nor `"learner"`.
+        ExpvaultError: the server refused, or stayed away longer than the reconnect timeout.
+    """
+    if role not in ("actor", "learner"):
+        raise ValueError(f"role must be 'actor' or 'learner', got {role!r}")
+    report = _RoleReport(settings, out)
+    if role == "actor":
+        _actor(actor_id, settings, settings.target, report)
+        assert report.result is not None  # _actor reports before returning
+        _, _, produced, committed, checksum = report.result
+        result: dict[str, Any] = {
+            "role": "actor",
+            "vault_name": settings.vault_name,
+            "vault_uid": f"actor-{actor_id}",
+            "produced": produced,
+            "committed": committed,
+            "checksum": checksum,
+        }
+        ok = bool(produced == committed == settings.steps_per_actor)
+    else:
+        _learner(settings, settings.target, report)
+        assert report.result is not None  # _learner reports before returning
+        _, received, checksums, samples, problems = report.result
+        result = {
+            "role": "learner",
+            "vault_name": settings.vault_name,
+            "received": received,
+            "checksums": checksums,
+            "samples": samples,
+            "problems": problems,
+        }
+        counts: list[int] = list(received.values())
+        ok = not problems and len(counts) == settings.actors
+        ok &= all(n == settings.steps_per_actor for n in counts)
+    print(json.dumps(result, sort_keys=True), file=out, flush=True)
+    return ok
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
 def _configure(parser: argparse.ArgumentParser) -> None:
     d = DemoSettings()
+    parser.add_argument(
+        "role",
+        nargs="?",
+        choices=("all", "actor", "learner"),
+        default="all",
+        help="all (default): a server unless --target, actors and a learner in one run; "
+        "actor or learner: that role alone against the server --target, printing its result "
+        "as a final JSON line",
+    )
     parser.add_argument("--actors", type=int, default=d.actors, help="actor processes")
     parser.add_argument("--envs", type=int, default=d.envs, help="environments per actor (B)")
     parser.add_argument("--steps", type=int, default=d.steps, help="time steps per actor")
@@ -417,11 +556,32 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         default=Path(env_default("ROOT", str(d.root))),
         help="directory of the embedded server's vaults (env EXPVAULT_ROOT; default vaults)",
     )
-    parser.add_argument("--vault-name", default="", help="default: demo-<date>-<time>")
+    parser.add_argument(
+        "--vault-name",
+        default="",
+        help="default: demo-<date>-<time>; required with a role (all of them name one vault)",
+    )
     parser.add_argument(
         "--target",
         default="",
-        help="use this running server HOST:PORT instead of an embedded one",
+        help="use this running server HOST:PORT instead of an embedded one; required with a role",
+    )
+    parser.add_argument(
+        "--actor-id", type=int, default=0, help="with role actor: writes stream actor-<ID>"
+    )
+    parser.add_argument(
+        "--steps-per-s",
+        type=float,
+        default=d.steps_per_s,
+        help="pace each actor to at most this many time steps per second (default 0: as fast "
+        "as it can)",
+    )
+    parser.add_argument(
+        "--reconnect-timeout-s",
+        type=float,
+        default=d.reconnect_timeout_s,
+        help="how long actors and the learner wait for an absent server (and the learner for "
+        "the vault to be created)",
     )
 
 
@@ -433,6 +593,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.write_interval > args.buffer_length:
         print("expvault demo: --write-interval must be <= --buffer-length", file=sys.stderr)
         return 2
+    if args.actor_id < 0 or args.steps_per_s < 0 or args.reconnect_timeout_s <= 0:
+        print(
+            "expvault demo: --actor-id and --steps-per-s must be >= 0, --reconnect-timeout-s > 0",
+            file=sys.stderr,
+        )
+        return 2
+    if args.role != "all" and not (args.target and args.vault_name):
+        print(
+            f"expvault demo {args.role}: give --target HOST:PORT of the server and --vault-name "
+            "(the same for every actor and the learner)",
+            file=sys.stderr,
+        )
+        return 2
     settings = DemoSettings(
         actors=args.actors,
         envs=args.envs,
@@ -442,7 +615,11 @@ def _run(args: argparse.Namespace) -> int:
         root=args.root,
         vault_name=args.vault_name,
         target=args.target,
+        reconnect_timeout_s=args.reconnect_timeout_s,
+        steps_per_s=args.steps_per_s,
     )
+    if args.role != "all":
+        return 0 if run_role(args.role, settings, args.actor_id) else 1
     return 0 if run_demo(settings) else 1
 
 
