@@ -14,7 +14,7 @@ from expvault.storage import Stream
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ByteBudget", "CommitWatch", "WriterLeases", "bridge"]
+__all__ = ["ByteBudget", "CommitWatch", "Holding", "WriterLeases", "bridge"]
 
 
 class ByteBudget:
@@ -49,6 +49,14 @@ class ByteBudget:
         self.used_bytes += n
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
 
+    def try_acquire(self, n: int) -> bool:
+        """Takes `n` bytes if they fit now (and nobody waits before); never waits."""
+        if self._waiters or not self._fits(n):
+            return False
+        self.used_bytes += n
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        return True
+
     def release(self, n: int) -> None:
         """Gives `n` bytes back and wakes the waiters (call from the event loop)."""
         self.used_bytes -= n
@@ -56,6 +64,50 @@ class ByteBudget:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+class Holding:
+    """The bytes one call holds of a shared `ByteBudget`; `close` gives back what is left.
+
+    A call takes bytes as it reads data and gives them back as it hands the data on; whatever
+    it still holds when it ends (queued, read ahead, cancelled) goes back at `close`.
+    """
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.held_bytes = 0
+        self._closed = False
+
+    async def acquire(self, n: int) -> None:
+        """Waits until `n` bytes fit in the budget, then holds them.
+
+        Raises:
+            asyncio.CancelledError: the holding was closed (its call ended) meanwhile.
+        """
+        await self._budget.acquire(n)
+        if self._closed:
+            self._budget.release(n)
+            raise asyncio.CancelledError
+        self.held_bytes += n
+
+    def try_acquire(self, n: int) -> bool:
+        """Holds `n` bytes if they fit now; never waits (False once closed)."""
+        if self._closed or not self._budget.try_acquire(n):
+            return False
+        self.held_bytes += n
+        return True
+
+    def release(self, n: int) -> None:
+        """Gives back `n` of the held bytes (fewer if fewer are held)."""
+        n = min(n, self.held_bytes)
+        if n > 0:
+            self.held_bytes -= n
+            self._budget.release(n)
+
+    def close(self) -> None:
+        """Gives back every byte still held; later requests are refused."""
+        self._closed = True
+        self.release(self.held_bytes)
 
 
 def bridge(

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from expvault.errors import UnavailableError
 from expvault.storage import Store
 from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault_server._malloc import bound_malloc
 from expvault_server.auth import TokenAuth, is_loopback, load_tokens, server_credentials
 from expvault_server.config import ServerConfig, parse_listen
 from expvault_server.service import VaultServicer
@@ -56,8 +57,9 @@ class VaultServer:
 
     Args:
         config: the settings.
-        store: the storage engine to serve; default `Store(config.root)`, opened on `start` and
-            closed (flushed) on `stop`. A store passed in is left open.
+        store: the storage engine to serve; default a `Store` of `config.root` with the
+            config's cache and log bounds, opened on `start` and closed (flushed) on `stop`. A
+            store passed in is left open.
     """
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
@@ -100,7 +102,12 @@ class VaultServer:
         if warning:
             logger.warning("%s", warning)
         if self._store is None:
-            self._store = await asyncio.to_thread(Store, config.root)
+            self._store = await asyncio.to_thread(
+                Store,
+                config.root,
+                cache_bytes=config.cache_bytes,
+                max_log_bytes=config.max_log_bytes,
+            )
         limit = config.max_message_bytes
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -181,6 +188,7 @@ async def serve(config: ServerConfig) -> None:
     Args:
         config: the settings.
     """
+    bound_malloc()  # before the store and the server allocate
     server = VaultServer(config)
     await server.start()
     loop = asyncio.get_running_loop()

@@ -145,6 +145,23 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "bytes all writers together may have in flight",
         type=int,
     )
+    _flag(
+        parser,
+        "--max-read-buffer-bytes",
+        str(128 << 20),
+        "bytes of data messages all readers together may have read ahead or queued; "
+        "readers wait beyond it",
+        type=int,
+    )
+    _flag(
+        parser,
+        "--max-log-bytes",
+        str(128 << 20),
+        "bytes of acknowledged steps held in memory until moved into the arrays; "
+        "commits wait beyond it",
+        type=int,
+    )
+    _flag(parser, "--cache-bytes", str(256 << 20), "tensorstore's chunk cache", type=int)
     _flag(parser, "--max-vaults", "1000", "vaults the root may hold", type=int)
     _flag(parser, "--max-streams-per-vault", "10000", "streams (writers) of one vault", type=int)
     _flag(parser, "--max-leaves", "1024", "leaves of one experience structure", type=int)
@@ -192,6 +209,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             message_bytes=args.message_bytes,
             max_inflight_bytes_per_stream=args.max_inflight_bytes_per_stream,
             max_inflight_bytes=args.max_inflight_bytes,
+            max_read_buffer_bytes=args.max_read_buffer_bytes,
+            max_log_bytes=args.max_log_bytes,
+            cache_bytes=args.cache_bytes,
             max_vaults=args.max_vaults,
             max_streams_per_vault=args.max_streams_per_vault,
             max_leaves=args.max_leaves,

@@ -43,6 +43,16 @@ class ServerConfig:
         max_inflight_bytes_per_stream: bytes one Append call may have received but not yet
             committed before the server stops reading from it.
         max_inflight_bytes: the same bound over all Append calls of the server.
+        max_read_buffer_bytes: bytes of data messages the server may hold for readers: read from
+            storage (a Read call reads ahead) or queued, and not yet handed to gRPC, over all
+            Read calls. A reader that would pass it waits (it is slowed, never failed). One
+            message larger than the whole bound is still sent when nothing else is held.
+        max_log_bytes: bytes of acknowledged steps all streams together keep in memory until
+            they are moved from the write-ahead log into the arrays. When that falls behind,
+            group commits wait (acks slow down, then the in-flight bounds stop reading); a
+            stream holding less than one time chunk always commits, so the memory is at most
+            this plus one chunk and one group commit per writing stream.
+        cache_bytes: tensorstore's chunk cache (decoded chunks, shared by all streams).
         max_vaults: vaults the root may hold; CreateVault of one more is RESOURCE_EXHAUSTED.
         max_streams_per_vault: streams (writers' vault_uids) one vault may hold; an Append that
             would create one more is RESOURCE_EXHAUSTED.
@@ -67,6 +77,9 @@ class ServerConfig:
     message_bytes: int = 1 << 20
     max_inflight_bytes_per_stream: int = 64 << 20
     max_inflight_bytes: int = 512 << 20
+    max_read_buffer_bytes: int = 128 << 20
+    max_log_bytes: int = 128 << 20
+    cache_bytes: int = 256 << 20
     max_vaults: int = 1000
     max_streams_per_vault: int = 10000
     max_leaves: int = 1024
@@ -97,6 +110,9 @@ class ServerConfig:
             "message_bytes",
             "max_inflight_bytes_per_stream",
             "max_inflight_bytes",
+            "max_read_buffer_bytes",
+            "max_log_bytes",
+            "cache_bytes",
             "max_vaults",
             "max_streams_per_vault",
             "max_leaves",

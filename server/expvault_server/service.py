@@ -7,11 +7,12 @@ appends go through `Stream.submit`, whose group commit resolves a future once du
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,7 +31,7 @@ from expvault.schema import Schema
 from expvault.storage import Store, Stream, VaultInfo
 from expvault.storage.files import check_name
 from expvault.v1 import vault_pb2, vault_pb2_grpc
-from expvault_server._flow import ByteBudget, CommitWatch, WriterLeases, bridge
+from expvault_server._flow import ByteBudget, CommitWatch, Holding, WriterLeases, bridge
 from expvault_server._limits import (
     check_sample,
     check_step_bytes,
@@ -39,7 +40,7 @@ from expvault_server._limits import (
     over_limit,
     probe_storage,
 )
-from expvault_server._status import rpc_errors
+from expvault_server._status import ErrorScope, rpc_errors
 from expvault_server.config import ServerConfig
 
 if sys.version_info >= (3, 12):
@@ -57,6 +58,9 @@ _CHUNK_OVERHEAD_BYTES: Final = 1024
 _MESSAGES_PER_READ: Final = 8
 # Messages buffered between stream followers and a follow-all call.
 _FOLLOW_QUEUE: Final = 8
+
+# A data message and the bytes of `max_read_buffer_bytes` it holds until it is handed to gRPC.
+_Charged = tuple[vault_pb2.ReadResponse, int]
 
 ServicerContext = grpc.aio.ServicerContext
 
@@ -101,6 +105,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         self._store = store
         self._config = config
         self._budget = ByteBudget(config.max_inflight_bytes)
+        self._read_budget = ByteBudget(config.max_read_buffer_bytes)
         self._leases = WriterLeases()
         self._closing = False
         self._chunk_readers: set[asyncio.Task[None]] = set()
@@ -391,10 +396,9 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             if request.follow and selection not in (None, "range"):
                 raise InvalidArgumentError("follow takes a `range` (or nothing), not " + selection)
             _check_selection(request)
-            per_message = codec.steps_per_message(
-                schema.batch_size * sum(schema.leaves[i].step_bytes for i in picked),
-                self._config.message_bytes,
-            )
+            step_bytes = schema.batch_size * sum(schema.leaves[i].step_bytes for i in picked)
+            per_message = codec.steps_per_message(step_bytes, self._config.message_bytes)
+            plan = _ReadPlan(names, per_message, step_bytes, Holding(self._read_budget))
             logger.debug(
                 "Read %s/%s %s follow=%s",
                 request.vault_name,
@@ -403,37 +407,58 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                 request.follow,
             )
             yield vault_pb2.ReadResponse(structure=codec.schema_to_proto(schema))
-
-            if request.vault_uid or not request.follow:
-                uids = (
-                    [request.vault_uid]
-                    if request.vault_uid
-                    else [s.vault_uid for s in vault.streams]
-                )
-                for uid in uids:
-                    if request.follow:
-                        stream = await self._open_when_created(vault, uid)
-                    else:
-                        stream = await self._open_for_read(vault, uid)
-                    scope.committed = _length_of(stream)
-                    if request.follow:
-                        start = request.start_offsets.get(uid, request.range.start)
-                        stop = request.range.stop if request.range.HasField("stop") else None
-                        async for message in self._follow(stream, start, stop, names, per_message):
-                            yield message
-                        continue
-                    start, stop = _resolve(request, uid, stream.length)
-                    empty = True
-                    async for message in self._read_range(stream, start, stop, names, per_message):
-                        empty = False
+            try:
+                async with contextlib.aclosing(
+                    self._read_messages(request, vault, plan, scope)
+                ) as messages:
+                    async for message in messages:
                         yield message
-                    if empty:
-                        yield vault_pb2.ReadResponse(
-                            vault_uid=uid, start=start, committed_offset=stream.length
-                        )
+            finally:
+                plan.holding.close()  # what was read ahead or queued and not sent
+
+    async def _read_messages(
+        self, request: vault_pb2.ReadRequest, vault: VaultInfo, plan: _ReadPlan, scope: ErrorScope
+    ) -> AsyncGenerator[vault_pb2.ReadResponse, None]:
+        """The data messages of a Read call; each one's bytes go back to the budget once sent."""
+        charged: AsyncGenerator[_Charged, None]
+        if request.vault_uid or not request.follow:
+            charged = self._read_streams(request, vault, plan, scope)
+        else:
+            charged = self._follow_all(vault, request, plan)
+        async with contextlib.aclosing(charged):
+            async for message, nbytes in charged:
+                yield message  # resumed once gRPC took it
+                plan.holding.release(nbytes)
+
+    async def _read_streams(
+        self, request: vault_pb2.ReadRequest, vault: VaultInfo, plan: _ReadPlan, scope: ErrorScope
+    ) -> AsyncGenerator[_Charged, None]:
+        """The messages of a Read of one stream, or of every stream without follow."""
+        uids = [request.vault_uid] if request.vault_uid else [s.vault_uid for s in vault.streams]
+        for uid in uids:
+            if request.follow:
+                stream = await self._open_when_created(vault, uid)
             else:
-                async for message in self._follow_all(vault, request, names, per_message):
-                    yield message
+                stream = await self._open_for_read(vault, uid)
+            scope.committed = _length_of(stream)
+            if request.follow:
+                start = request.start_offsets.get(uid, request.range.start)
+                stop = request.range.stop if request.range.HasField("stop") else None
+                async for item in self._follow(stream, start, stop, plan):
+                    yield item
+                continue
+            start, stop = _resolve(request, uid, stream.length)
+            empty = True
+            async for item in self._read_range(stream, start, stop, plan):
+                empty = False
+                yield item
+            if empty:
+                yield (
+                    vault_pb2.ReadResponse(
+                        vault_uid=uid, start=start, committed_offset=stream.length
+                    ),
+                    0,
+                )
 
     async def _open_for_read(self, vault: VaultInfo, vault_uid: str) -> Stream:
         return await asyncio.to_thread(self._open_checked, vault, vault_uid)
@@ -470,23 +495,29 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             waiting.discard(event)
 
     async def _read_range(
-        self,
-        stream: Stream,
-        start: int,
-        stop: int,
-        names: Sequence[str],
-        per_message: int,
-    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        self, stream: Stream, start: int, stop: int, plan: _ReadPlan
+    ) -> AsyncIterator[_Charged]:
         """Messages covering committed steps `[start, stop)` of a stream, in order.
 
-        The next block is read (and decoded, in tensorstore's threads) while this one is sent.
+        Each block of steps is read once its bytes are held of `max_read_buffer_bytes` (waiting
+        for them); the next block is read ahead while this one is sent when its bytes fit at
+        once. Each message is yielded with its bytes, which the consumer gives back.
         """
-        block = per_message * _MESSAGES_PER_READ
+        block = plan.per_message * _MESSAGES_PER_READ
         loop = asyncio.get_running_loop()
+
+        def size(lo: int) -> int:
+            return (min(stop, lo + block) - lo) * plan.step_bytes
 
         def read(lo: int) -> asyncio.Future[list[vault_pb2.ReadResponse]]:
             future = loop.run_in_executor(
-                None, _read_messages, stream, lo, min(stop, lo + block), names, per_message
+                None,
+                _read_messages,
+                stream,
+                lo,
+                min(stop, lo + block),
+                plan.names,
+                plan.per_message,
             )
             future.add_done_callback(_retrieve)  # a prefetch the call no longer needs
             return future
@@ -494,26 +525,27 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         starts = list(range(start, stop, block))
         if not starts:
             return
-        ahead = [read(starts[0])]
+        await plan.holding.acquire(size(starts[0]))
+        ahead = [(read(starts[0]), size(starts[0]))]
         try:
             for following in [*starts[1:], None]:
-                messages = await ahead.pop()
-                if following is not None:
-                    ahead.append(read(following))
+                future, _ = ahead.pop()
+                messages = await future
+                if following is not None and plan.holding.try_acquire(size(following)):
+                    ahead.append((read(following), size(following)))
                 for message in messages:
-                    yield message
+                    yield message, message.num_steps * plan.step_bytes
+                if following is not None and not ahead:  # it did not fit: read it now
+                    await plan.holding.acquire(size(following))
+                    ahead.append((read(following), size(following)))
         finally:
-            for future in ahead:
+            for future, nbytes in ahead:
                 future.cancel()
+                plan.holding.release(nbytes)
 
     async def _follow(
-        self,
-        stream: Stream,
-        start: int,
-        stop: int | None,
-        names: Sequence[str],
-        per_message: int,
-    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+        self, stream: Stream, start: int, stop: int | None, plan: _ReadPlan
+    ) -> AsyncIterator[_Charged]:
         """Committed steps from `start`, then new ones as they commit, until `stop` (or forever)."""
         if start < 0 or (stop is not None and stop < start):
             raise InvalidArgumentError(f"follow range [{start}, {stop}) needs 0 <= start <= stop")
@@ -525,10 +557,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     length = stream.length
                     if length > position:
                         end = length if stop is None else min(length, stop)
-                        async for message in self._read_range(
-                            stream, position, end, names, per_message
-                        ):
-                            yield message
+                        async for item in self._read_range(stream, position, end, plan):
+                            yield item
                         position = end
                         continue
                     if self._closing:
@@ -543,11 +573,13 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         self,
         vault: VaultInfo,
         request: vault_pb2.ReadRequest,
-        names: Sequence[str],
-        per_message: int,
-    ) -> AsyncIterator[vault_pb2.ReadResponse]:
-        """Follows every stream of a vault, including streams created meanwhile, until cancelled."""
-        out: asyncio.Queue[vault_pb2.ReadResponse | BaseException] = asyncio.Queue(_FOLLOW_QUEUE)
+        plan: _ReadPlan,
+    ) -> AsyncGenerator[_Charged, None]:
+        """Follows every stream of a vault, including streams created meanwhile, until cancelled.
+
+        Queued messages keep their bytes of `max_read_buffer_bytes` until they are sent.
+        """
+        out: asyncio.Queue[_Charged | BaseException] = asyncio.Queue(_FOLLOW_QUEUE)
         stop = request.range.stop if request.range.HasField("stop") else None
         tasks: dict[str, asyncio.Task[None]] = {}
         new_streams = asyncio.Event()
@@ -557,8 +589,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             try:
                 stream = await self._open_for_read(vault, uid)
                 start = request.start_offsets.get(uid, request.range.start)
-                async for message in self._follow(stream, start, stop, names, per_message):
-                    await out.put(message)
+                async for item in self._follow(stream, start, stop, plan):
+                    await out.put(item)
             except asyncio.CancelledError:
                 raise
             except BaseException as error:
@@ -732,6 +764,16 @@ def _read_messages(
             )
         )
     return messages
+
+
+@dataclass(frozen=True)
+class _ReadPlan:
+    """How a Read call reads: leaves, steps per message, bytes per step, its budget share."""
+
+    names: Sequence[str]
+    per_message: int
+    step_bytes: int
+    holding: Holding
 
 
 _Window = tuple[int, int, int]  # (stream index, batch row, start offset)

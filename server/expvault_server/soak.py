@@ -39,18 +39,11 @@ __all__ = ["SoakResult", "SoakSettings", "main", "rss_bound_bytes", "run_soak", 
 
 _MIB = 1 << 20
 _SERVING = re.compile(r"expvault serving on (\S+):(\d+) ")
-# The server's chunk cache for reads (`Store`'s default), part of the memory bound.
-_CACHE_BYTES = 256 * _MIB
-# Memory not tied to a limit: gRPC send and receive buffers, the followers' message queues,
-# thread stacks, allocator slack. With half of this, 16 writers and 4 readers peaked 36 MiB
-# under the bound (1449 MiB).
-_SLACK_BYTES = 512 * _MIB
-# Per stream written: the log tail of its partial chunk (about 1 MiB), held in memory and copied
-# when it is moved into the arrays, and its gRPC flow-control window.
+# Memory not tied to a limit: gRPC's transport buffers, thread stacks, allocator slack.
+_SLACK_BYTES = 256 * _MIB
+# Per stream written: the time chunk a stream may always hold in the log beyond `max_log_bytes`
+# (about 1 MiB here) and its gRPC flow-control window.
 _PER_STREAM_BYTES = 8 * _MIB
-# A Read call reads 8 messages' worth of steps per storage call (`service._MESSAGES_PER_READ`),
-# held as arrays and as encoded messages; following a vault does so for each of its streams.
-_READ_BLOCK_MESSAGES = 8
 
 
 @dataclass(frozen=True)
@@ -66,6 +59,9 @@ class SoakSettings:
     buffer_steps: int = 1024
     max_inflight_bytes: int = 64 * _MIB
     max_inflight_bytes_per_stream: int = 8 * _MIB
+    max_read_buffer_bytes: int = 64 * _MIB
+    max_log_bytes: int = 64 * _MIB
+    cache_bytes: int = 256 * _MIB
     message_bytes: int = 1 * _MIB
     root: Path | None = None
     startup_timeout_s: float = 180.0
@@ -121,20 +117,21 @@ class SoakResult:
 def rss_bound_bytes(settings: SoakSettings, baseline_rss_bytes: int) -> int:
     """The most resident memory a healthy server may use under the soak.
 
-    The idle server's memory, plus: twice the in-flight bytes the server admits (each chunk is
-    held as received and as decoded arrays); the read cache; per stream written, its log tail
-    and flow-control window; per follower, one read block (8 messages, as arrays and encoded)
-    for each stream it follows; per sampler, a few messages; and a fixed slack. Nothing here
-    grows with time or with the data stored.
+    The idle server's memory, plus, each from a server setting: twice `max_inflight_bytes`
+    (chunks as received, and merged into a group commit); three times the log held in memory,
+    `max_log_bytes` plus a chunk per stream (the log's arrays, and tensorstore's chunk buffers
+    and their encoded form while a transaction moves them into the arrays); twice
+    `max_read_buffer_bytes` (steps read as arrays, then encoded into messages); `cache_bytes`;
+    per stream written, its flow-control window; per sampler, a few messages; and a fixed slack.
+    Nothing here grows with time, with the data stored, or with the number of readers' streams.
     """
-    read_block = 2 * _READ_BLOCK_MESSAGES * settings.message_bytes
     samplers = settings.readers - settings.followers
     return (
         baseline_rss_bytes
         + 2 * settings.max_inflight_bytes
-        + _CACHE_BYTES
-        + settings.writers * _PER_STREAM_BYTES
-        + settings.followers * settings.writers * read_block
+        + 3 * (settings.max_log_bytes + settings.writers * _PER_STREAM_BYTES)
+        + 2 * settings.max_read_buffer_bytes
+        + settings.cache_bytes
         + samplers * 4 * settings.message_bytes
         + _SLACK_BYTES
     )
@@ -301,6 +298,12 @@ class _Server:
                 str(settings.max_inflight_bytes_per_stream),
                 "--message-bytes",
                 str(settings.message_bytes),
+                "--max-read-buffer-bytes",
+                str(settings.max_read_buffer_bytes),
+                "--max-log-bytes",
+                str(settings.max_log_bytes),
+                "--cache-bytes",
+                str(settings.cache_bytes),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -539,7 +542,9 @@ def summary(result: SoakResult) -> str:
             f"{result.baseline_rss_bytes / _MIB:.0f} MiB), bound "
             f"{result.rss_bound_bytes / _MIB:.0f} MiB (max_inflight_bytes "
             f"{s.max_inflight_bytes / _MIB:.0f} MiB, {s.max_inflight_bytes_per_stream / _MIB:.0f} "
-            f"MiB per stream; message_bytes {s.message_bytes / _MIB:.0f} MiB)",
+            f"MiB per stream; max_log_bytes {s.max_log_bytes / _MIB:.0f} MiB; "
+            f"max_read_buffer_bytes {s.max_read_buffer_bytes / _MIB:.0f} MiB; cache_bytes "
+            f"{s.cache_bytes / _MIB:.0f} MiB; message_bytes {s.message_bytes / _MIB:.0f} MiB)",
             "  RSS peak by quarter of the soak: "
             + " / ".join(f"{b / _MIB:.0f}" for b in result.rss_by_quarter_bytes)
             + " MiB",
@@ -568,6 +573,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=d.max_inflight_bytes_per_stream,
         help="server limit per writer",
     )
+    parser.add_argument(
+        "--max-read-buffer-bytes",
+        type=int,
+        default=d.max_read_buffer_bytes,
+        help="server limit on data read ahead or queued for readers",
+    )
+    parser.add_argument(
+        "--max-log-bytes",
+        type=int,
+        default=d.max_log_bytes,
+        help="server limit on acknowledged steps held in memory",
+    )
+    parser.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="server chunk cache")
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -586,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         buffer_steps=max(1024, 2 * args.delta_steps),
         max_inflight_bytes=args.max_inflight_bytes,
         max_inflight_bytes_per_stream=args.max_inflight_bytes_per_stream,
+        max_read_buffer_bytes=args.max_read_buffer_bytes,
+        max_log_bytes=args.max_log_bytes,
+        cache_bytes=args.cache_bytes,
         root=args.root,
     )
     result = run_soak(settings, out=None if args.json else sys.stdout)

@@ -35,11 +35,14 @@ def test_the_memory_bound_grows_with_the_limits() -> None:
     small = SoakSettings(max_inflight_bytes=64 << 20)
     large = SoakSettings(max_inflight_bytes=512 << 20)
     assert rss_bound_bytes(large, 100) - rss_bound_bytes(small, 100) == 2 * (448 << 20)
-    # Each follower reads a block of every stream it follows.
+    # Readers' memory is bounded by the read buffer, not by the streams they follow.
+    reads = SoakSettings(max_read_buffer_bytes=100 << 20)
+    assert rss_bound_bytes(reads, 0) - rss_bound_bytes(SoakSettings(), 0) == 2 * (36 << 20)
+    logs = SoakSettings(max_log_bytes=100 << 20)
+    assert rss_bound_bytes(logs, 0) - rss_bound_bytes(SoakSettings(), 0) == 3 * (36 << 20)
+    # Each writer may hold a chunk of log beyond max_log_bytes, and has a flow-control window.
     more = SoakSettings(writers=17)
-    assert rss_bound_bytes(more, 0) - rss_bound_bytes(SoakSettings(), 0) == (8 << 20) + 2 * (
-        2 * 8 * (1 << 20)
-    )
+    assert rss_bound_bytes(more, 0) - rss_bound_bytes(SoakSettings(), 0) == 3 * (8 << 20)
 
 
 def test_the_command_refuses_bad_flags() -> None:

@@ -678,3 +678,47 @@ def test_steps_and_windows_must_fit_a_message(make_server: Callable[..., ServerT
         code, details, _ = _refusal(lambda: list(stub.Sample(request, timeout=10)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert "one window of 200 steps holds 4000 bytes" in details
+
+
+def test_readers_hold_at_most_the_read_buffer_bound(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    # Tiny messages: a Read block (8 messages) is ~8 KiB; three streams followed at once and two
+    # range reads would each hold a block and read the next ahead if nothing bounded them.
+    limit = 12 * 1024
+    server = make_server(message_bytes=1024, max_read_buffer_bytes=limit)
+    uids = ["a", "b", "c"]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vault_pb2_grpc.VaultServiceStub(channel)
+        _create(stub)
+        for uid in uids:
+            chunks = [_chunk(i, i + 100) for i in range(0, 1000, 100)]
+            assert _append(stub, [_open(uid), *chunks])[1] is None
+        follow = stub.Read(vault_pb2.ReadRequest(vault_name="v", follow=True), timeout=30)
+        ranges = [
+            stub.Read(vault_pb2.ReadRequest(vault_name="v", vault_uid=uid), timeout=30)
+            for uid in ("a", "b")
+        ]
+        calls = [follow, *ranges]
+        firsts = [next(call) for call in calls]  # the structure: every call is running
+        budget = server.servicer._read_budget
+        followed = [firsts[0]]
+        reached = dict.fromkeys(uids, 0)
+        while min(reached.values()) < 1000:  # following every stream never ends by itself
+            message = next(follow)
+            followed.append(message)
+            reached[message.vault_uid] = message.start + message.num_steps
+        follow.cancel()
+        read = [[first, *call] for first, call in zip(firsts[1:], ranges, strict=True)]
+    by_uid: dict[str, list[vault_pb2.ReadResponse]] = {uid: [] for uid in uids}
+    for message in followed[1:]:
+        by_uid[message.vault_uid].append(message)
+    for uid in uids:
+        assert_experience(_decode([followed[0], *by_uid[uid]]), 0, 1000)
+    for messages in read:
+        assert_experience(_decode(messages), 0, 1000)
+    assert 0 < budget.peak_bytes <= limit
+    deadline = time.monotonic() + 10
+    while budget.used_bytes and time.monotonic() < deadline:  # the calls' ends give all back
+        time.sleep(0.02)
+    assert budget.used_bytes == 0

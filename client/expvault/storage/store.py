@@ -31,7 +31,7 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import files
-from expvault.storage.stream import Stream
+from expvault.storage.stream import LogBudget, Stream
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +131,24 @@ class Store:
     Args:
         root: the directory holding the vaults (created when missing).
         cache_bytes: tensorstore's chunk cache for reads, shared by all streams.
+        max_log_bytes: bytes of committed steps all streams together keep in memory until they
+            are moved into the arrays; writers wait beyond it (see `LogBudget`). None: no bound.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, cache_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        cache_bytes: int = 256 << 20,
+        max_log_bytes: int | None = None,
+    ) -> None:
         self.root = Path(root).absolute()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise files.os_error(f"cannot create the storage root {self.root}", e) from e
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        self.log_budget = LogBudget(max_log_bytes)
         self._lock = threading.RLock()
         self._streams: dict[tuple[str, str], Stream] = {}
 
@@ -449,6 +458,7 @@ class Store:
                 arrays=arrays,
                 index=index,
                 flush_steps=flush_steps,
+                log_budget=self.log_budget,
             )
         except (OSError, ValueError) as e:  # the index or the log cannot be read
             raise StorageError(

@@ -10,6 +10,9 @@ A stream's data lives in two places:
 Appends go through one committer thread per stream, which takes every append waiting at that
 moment and commits them together (group commit): one log write and one fsync for all of them.
 A second thread per stream materializes whole chunks, so acks never wait for zarr commits.
+
+The log's mirror in memory is bounded by a `LogBudget` its store's streams share: when the
+materializers fall behind, the committers wait, which slows the writers instead of growing memory.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 # flashbax stores the committed length as int32.
 MAX_STREAM_STEPS = 2**31 - 1
+# Time chunks moved into the arrays per transaction: a transaction holds its data several times
+# over (the log's arrays, tensorstore's chunk buffers, their encoded form) until it commits.
+MATERIALIZE_CHUNKS = 16
+# Bytes of appends one group commit takes (at least one append): the group is copied into one
+# log segment, so it is held twice while it commits.
+GROUP_COMMIT_BYTES = 16 << 20
 
 # Streams with running writer threads. They are closed (committed, flushed) at interpreter exit:
 # a daemon thread inside tensorstore while the interpreter tears down aborts the process.
@@ -53,6 +62,46 @@ _OPEN_WRITERS: weakref.WeakSet[Stream] = weakref.WeakSet()
 def _close_writers() -> None:
     for stream in list(_OPEN_WRITERS):
         stream.close()
+
+
+class LogBudget:
+    """Bytes of committed but not materialized steps that the streams of a store keep in memory.
+
+    A committer waits before a log write while its bytes would take the total past
+    `limit_bytes`, until materializers give bytes back. A stream holding less than one time chunk
+    always commits (its materializer waits for a whole chunk, so waiting could not end), and so
+    does one whose arrays cannot be written (the append's own error then tells the writer): the
+    memory is at most `limit_bytes` plus one chunk and one group commit per writing stream.
+
+    Args:
+        limit_bytes: the bound; None: unbounded.
+    """
+
+    def __init__(self, limit_bytes: int | None) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self.peak_bytes = 0
+        self._changed = threading.Condition(threading.Lock())
+
+    def acquire(self, n: int, may_pass: Callable[[], bool]) -> None:
+        """Waits until `n` bytes fit or `may_pass()` is true, then takes them."""
+        with self._changed:
+            while (
+                self.limit_bytes is not None
+                and self.used_bytes + n > self.limit_bytes
+                and not may_pass()
+            ):
+                self._changed.wait(timeout=1.0)  # may_pass may change without a release
+            self.used_bytes += n
+            self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+
+    def release(self, n: int) -> None:
+        """Gives `n` bytes back and wakes the waiting committers."""
+        if n <= 0:
+            return
+        with self._changed:
+            self.used_bytes -= n
+            self._changed.notify_all()
 
 
 @dataclass
@@ -80,6 +129,7 @@ class Stream:
         arrays: Sequence[ts.TensorStore],
         index: ts.TensorStore,
         flush_steps: int,
+        log_budget: LogBudget | None = None,
     ) -> None:
         self.vault_name = vault_name
         self.vault_uid = vault_uid
@@ -89,6 +139,8 @@ class Stream:
         self._arrays = list(arrays)
         self._index = index
         self._flush_steps = flush_steps
+        self._log_budget = log_budget or LogBudget(None)
+        self._log_bytes = 0  # bytes of `_segments` taken of `_log_budget` (writer only)
         self._lock = threading.Lock()
         self._has_pending = threading.Condition(self._lock)
         self._has_chunks = threading.Condition(self._lock)
@@ -246,6 +298,10 @@ class Stream:
                 lock.release()
                 raise
             self._writer_lock = lock
+            with self._lock:
+                recovered = sum(_nbytes(s) for s in self._segments)
+            self._log_budget.acquire(recovered, lambda: True)  # already in memory
+            self._log_bytes = recovered
             name = f"{self.vault_name}/{self.vault_uid}"
             threads = [
                 threading.Thread(target=loop, name=f"expvault-{what}-{name}", daemon=True)
@@ -275,9 +331,14 @@ class Stream:
                     self._has_pending.wait()
                 if not self._pending:
                     return
+                taken: list[_Pending] = []
+                nbytes = 0
+                while self._pending and (not taken or nbytes < GROUP_COMMIT_BYTES):
+                    p = self._pending.popleft()
+                    taken.append(p)
+                    nbytes += sum(int(a.nbytes) for a in p.arrays)
                 # A future its submitter cancelled is dropped: nothing of it is written.
-                batch = [p for p in self._pending if p.future.set_running_or_notify_cancel()]
-                self._pending.clear()
+                batch = [p for p in taken if p.future.set_running_or_notify_cancel()]
             if batch:
                 self._commit(batch)
 
@@ -313,9 +374,12 @@ class Stream:
             )
         elif accepted:
             segment = _merge(accepted)
+            nbytes = _nbytes(segment)
+            self._log_budget.acquire(nbytes, self._may_pass_log_budget)
             try:
                 files.write_segment(self.path, segment)
             except OSError as e:
+                self._log_budget.release(nbytes)
                 # Nothing of this group is acknowledged; the log and the state are as before it,
                 # so the writer may retry the same appends (e.g. once disk space is freed).
                 failure = files.storage_error(
@@ -325,6 +389,7 @@ class Stream:
             else:
                 with self._lock:
                     self._segments.append(segment)
+                    self._log_bytes += nbytes
                     self._length = end
                     listeners = list(self._listeners)
                 for listener in listeners:
@@ -345,6 +410,12 @@ class Stream:
             with self._lock:
                 self._has_chunks.notify()
 
+    def _may_pass_log_budget(self) -> bool:
+        """Whether to commit past the log budget: less than a chunk held, or failing arrays."""
+        with self._lock:
+            held_steps = self._length - self._materialized
+        return held_steps < self._flush_steps or self._materialize_failing
+
     @property
     def _root(self) -> Path:
         return self.path.parent.parent
@@ -357,6 +428,7 @@ class Stream:
                 if self._closed:
                     return
                 stop = self._length - self._length % self._flush_steps
+                stop = min(stop, self._materialized + MATERIALIZE_CHUNKS * self._flush_steps)
             try:
                 failure = self._materialize(stop)
             except Exception as e:  # a bug: keep the thread (the steps are safe in the log)
@@ -413,7 +485,12 @@ class Stream:
             self._materialize_failing = False
         with self._lock:
             self._materialized = stop
-            self._segments = [s for s in self._segments if s.stop > stop]
+            kept = [s for s in self._segments if s.stop > stop]
+            freed = sum(_nbytes(s) for s in self._segments if s.stop <= stop)
+            self._segments = kept
+            freed = min(freed, self._log_bytes)  # a reader's segments were never taken
+            self._log_bytes -= freed
+        self._log_budget.release(freed)
         for _, seg_stop, path in list(files.segment_files(self.path)):
             if seg_stop <= stop:
                 files.remove_quietly(path)
@@ -602,7 +679,14 @@ class Stream:
                 self._materialize(self._length)  # on failure the steps stay in the log (logged)
             if self._writer_lock is not None:
                 self._writer_lock.release()
+            with self._lock:
+                held, self._log_bytes = self._log_bytes, 0
+            self._log_budget.release(held)  # the stream is forgotten; its memory with it
             _OPEN_WRITERS.discard(self)
+
+
+def _nbytes(segment: files.Segment) -> int:
+    return sum(int(a.nbytes) for a in segment.arrays)
 
 
 def _merge(segments: list[files.Segment]) -> files.Segment:
