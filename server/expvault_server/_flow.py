@@ -70,29 +70,50 @@ class Holding:
     """The bytes one call holds of a shared `ByteBudget`; `close` gives back what is left.
 
     A call takes bytes as it reads data and gives them back as it hands the data on; whatever
-    it still holds when it ends (queued, read ahead, cancelled) goes back at `close`.
+    it still holds when it ends (queued, read ahead, cancelled) goes back at `close`. With
+    `limit_bytes`, the call holds at most that much (one request larger than it is admitted when
+    the call holds nothing), so a call whose client stops reading keeps its share, not the
+    whole budget: other calls go on.
+
+    Args:
+        budget: the budget shared by every call.
+        limit_bytes: the most this call may hold; None for no bound of its own.
     """
 
-    def __init__(self, budget: ByteBudget) -> None:
+    def __init__(self, budget: ByteBudget, limit_bytes: int | None = None) -> None:
         self._budget = budget
+        self._own = None if limit_bytes is None else ByteBudget(limit_bytes)
         self.held_bytes = 0
         self._closed = False
 
     async def acquire(self, n: int) -> None:
-        """Waits until `n` bytes fit in the budget, then holds them.
+        """Waits until `n` bytes fit in this call's share and in the budget, then holds them.
 
         Raises:
             asyncio.CancelledError: the holding was closed (its call ended) meanwhile.
         """
-        await self._budget.acquire(n)
-        if self._closed:
-            self._budget.release(n)
-            raise asyncio.CancelledError
+        if self._own is not None:
+            await self._own.acquire(n)
+        try:
+            await self._budget.acquire(n)
+        except BaseException:
+            if self._own is not None:
+                self._own.release(n)
+            raise
         self.held_bytes += n
+        if self._closed:
+            self.release(n)
+            raise asyncio.CancelledError
 
     def try_acquire(self, n: int) -> bool:
         """Holds `n` bytes if they fit now; never waits (False once closed)."""
-        if self._closed or not self._budget.try_acquire(n):
+        if self._closed:
+            return False
+        if self._own is not None and not self._own.try_acquire(n):
+            return False
+        if not self._budget.try_acquire(n):
+            if self._own is not None:
+                self._own.release(n)
             return False
         self.held_bytes += n
         return True
@@ -103,6 +124,8 @@ class Holding:
         if n > 0:
             self.held_bytes -= n
             self._budget.release(n)
+            if self._own is not None:
+                self._own.release(n)
 
     def close(self) -> None:
         """Gives back every byte still held; later requests are refused."""

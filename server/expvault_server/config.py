@@ -46,7 +46,8 @@ class ServerConfig:
         max_read_buffer_bytes: bytes of data messages the server may hold for readers: read from
             storage (a Read call reads ahead) or queued, and not yet handed to gRPC, over all
             Read calls. A reader that would pass it waits (it is slowed, never failed). One
-            message larger than the whole bound is still sent when nothing else is held.
+            message larger than the whole bound is still sent when nothing else is held. One
+            call holds at most two blocks of 8 messages, so a stalled reader keeps only that.
         max_log_bytes: bytes of acknowledged steps all streams together keep in memory until
             they are moved from the write-ahead log into the arrays. When that falls behind,
             group commits wait (acks slow down, then the in-flight bounds stop reading); a

@@ -398,7 +398,10 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             _check_selection(request)
             step_bytes = schema.batch_size * sum(schema.leaves[i].step_bytes for i in picked)
             per_message = codec.steps_per_message(step_bytes, self._config.message_bytes)
-            plan = _ReadPlan(names, per_message, step_bytes, Holding(self._read_budget))
+            # A call holds at most the block it sends and the one it reads ahead, so a client
+            # that stops reading (a paused follower) cannot take every reader's budget.
+            share = 2 * _MESSAGES_PER_READ * per_message * step_bytes
+            plan = _ReadPlan(names, per_message, step_bytes, Holding(self._read_budget, share))
             logger.debug(
                 "Read %s/%s %s follow=%s",
                 request.vault_name,

@@ -722,3 +722,36 @@ def test_readers_hold_at_most_the_read_buffer_bound(
     while budget.used_bytes and time.monotonic() < deadline:  # the calls' ends give all back
         time.sleep(0.02)
     assert budget.used_bytes == 0
+
+
+def test_a_reader_that_stops_reading_holds_only_its_share_of_the_read_buffer(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    # A follower of three streams whose client reads nothing: each stream's reader would hold a
+    # block and read the next ahead; the call may hold two blocks (16 messages) at most.
+    message_bytes = 1024
+    share = 2 * 8 * message_bytes
+    server = make_server(message_bytes=message_bytes, max_read_buffer_bytes=1 << 20)
+    # Without BDP probing the client's window stays at 64 KiB: the server must hold the rest.
+    with grpc.insecure_channel(server.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        stub = vault_pb2_grpc.VaultServiceStub(channel)
+        _create(stub)
+        for uid in ("a", "b", "c"):
+            chunks = [_chunk(i, i + 100) for i in range(0, 4000, 100)]
+            assert _append(stub, [_open(uid), *chunks])[1] is None
+        stalled = stub.Read(vault_pb2.ReadRequest(vault_name="v", follow=True), timeout=30)
+        next(stalled)  # the structure; then the client reads no more
+        budget = server.servicer._read_budget
+        deadline = time.monotonic() + 10
+        while budget.used_bytes == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)  # let the stalled call take all it can
+        assert 0 < budget.used_bytes <= share
+        # Other readers go on meanwhile.
+        read = list(stub.Read(vault_pb2.ReadRequest(vault_name="v", vault_uid="a"), timeout=30))
+        assert_experience(_decode(read), 0, 4000)
+        stalled.cancel()
+    deadline = time.monotonic() + 10
+    while budget.used_bytes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert budget.used_bytes == 0
