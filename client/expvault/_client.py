@@ -18,7 +18,14 @@ import numpy as np
 from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
 
 from expvault import codec
-from expvault._rpc import Backoff, channel_options, error_from_rpc, is_retryable, open_channel
+from expvault._rpc import (
+    Backoff,
+    channel_options,
+    error_from_rpc,
+    is_retryable,
+    method_path,
+    open_channel,
+)
 from expvault.errors import StorageError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
 
@@ -66,12 +73,12 @@ class Client:
         # Read and Sample answering raw bytes, for `parse_with_leaves` (no copies of leaves).
         self.read_raw: grpc.UnaryStreamMultiCallable[vault_pb2.ReadRequest, bytes]
         self.read_raw = self.channel.unary_stream(
-            "/expvault.v1.VaultService/Read",
+            method_path("Read"),
             request_serializer=vault_pb2.ReadRequest.SerializeToString,
         )
         self.sample_raw: grpc.UnaryStreamMultiCallable[vault_pb2.SampleRequest, bytes]
         self.sample_raw = self.channel.unary_stream(
-            "/expvault.v1.VaultService/Sample",
+            method_path("Sample"),
             request_serializer=vault_pb2.SampleRequest.SerializeToString,
         )
         self.target = target

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from expvault.errors import ExpvaultError, InvalidArgumentError, error_class_for
+from expvault.v1 import vault_pb2
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -23,9 +24,18 @@ __all__ = [
     "channel_options",
     "error_from_rpc",
     "is_retryable",
+    "method_path",
     "open_channel",
     "tls_credentials",
 ]
+
+_SERVICE = vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+
+
+def method_path(name: str) -> str:
+    """The full gRPC path of a VaultService method, e.g. `/expvault.v1.VaultService/Read`."""
+    return f"/{_SERVICE}/{name}"
+
 
 ERROR_DOMAIN = "expvault"
 # gRPC's 4 MiB default is too small for leaf payloads; the server raises its limit to match.

@@ -33,7 +33,7 @@ import grpc
 import numpy as np
 
 from expvault import codec
-from expvault._rpc import Backoff, error_from_rpc, is_retryable
+from expvault._rpc import Backoff, error_from_rpc, is_retryable, method_path
 from expvault.errors import (
     ExpvaultError,
     ResourceExhaustedError,
@@ -51,9 +51,7 @@ __all__ = ["APPEND_METHOD", "Chunk", "Outgoing", "Sender"]
 # for longer than `reconnect_timeout_s`.
 _MAY_PASS = (ResourceExhaustedError, UnavailableError)
 
-APPEND_METHOD = "/{}/{}".format(
-    vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name, "Append"
-)
+APPEND_METHOD = method_path("Append")
 
 
 @dataclass(frozen=True)
