@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from expvault._rpc import channel_options, error_from_rpc, open_channel, tls_credentials
 from expvault.errors import ExpvaultError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
+from expvault_server.config import ServerConfig
 
 __all__ = [
     "COMMANDS",
@@ -127,28 +128,31 @@ def client_channel(
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    _flag(parser, "--root", "./vaults", "directory holding the vaults")
-    _flag(parser, "--listen", "127.0.0.1:50051", "HOST:PORT to listen on; port 0 picks a free one")
-    _flag(parser, "--max-message-bytes", str(64 << 20), "largest gRPC message", type=int)
-    _flag(parser, "--message-bytes", str(1 << 20), "payload of sent data messages", type=int)
+    d = ServerConfig()  # the defaults live in one place
+    _flag(parser, "--root", str(d.root), "directory holding the vaults")
+    _flag(parser, "--listen", d.listen, "HOST:PORT to listen on; port 0 picks a free one")
+    _flag(parser, "--max-message-bytes", str(d.max_message_bytes), "largest gRPC message", type=int)
+    _flag(
+        parser, "--message-bytes", str(d.message_bytes), "payload of sent data messages", type=int
+    )
     _flag(
         parser,
         "--max-inflight-bytes-per-stream",
-        str(64 << 20),
+        str(d.max_inflight_bytes_per_stream),
         "bytes one writer may have received but not committed before the server stops reading",
         type=int,
     )
     _flag(
         parser,
         "--max-inflight-bytes",
-        str(512 << 20),
+        str(d.max_inflight_bytes),
         "bytes all writers together may have in flight",
         type=int,
     )
     _flag(
         parser,
         "--max-read-buffer-bytes",
-        str(128 << 20),
+        str(d.max_read_buffer_bytes),
         "bytes of data messages all readers together may have read ahead or queued; "
         "readers wait beyond it",
         type=int,
@@ -156,23 +160,35 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "--max-log-bytes",
-        str(128 << 20),
+        str(d.max_log_bytes),
         "bytes of acknowledged steps held in memory until moved into the arrays; "
         "commits wait beyond it",
         type=int,
     )
-    _flag(parser, "--cache-bytes", str(256 << 20), "tensorstore's chunk cache", type=int)
-    _flag(parser, "--max-vaults", "1000", "vaults the root may hold", type=int)
-    _flag(parser, "--max-streams-per-vault", "10000", "streams (writers) of one vault", type=int)
-    _flag(parser, "--max-leaves", "1024", "leaves of one experience structure", type=int)
+    _flag(parser, "--cache-bytes", str(d.cache_bytes), "tensorstore's chunk cache", type=int)
+    _flag(parser, "--max-vaults", str(d.max_vaults), "vaults the root may hold", type=int)
+    _flag(
+        parser,
+        "--max-streams-per-vault",
+        str(d.max_streams_per_vault),
+        "streams (writers) of one vault",
+        type=int,
+    )
+    _flag(parser, "--max-leaves", str(d.max_leaves), "leaves of one experience structure", type=int)
     _flag(
         parser,
         "--max-step-bytes",
-        str(16 << 20),
+        str(d.max_step_bytes),
         "bytes of one time step of a vault, all leaves and batch rows",
         type=int,
     )
-    _flag(parser, "--max-sample-batch", "65536", "windows one Sample call may ask for", type=int)
+    _flag(
+        parser,
+        "--max-sample-batch",
+        str(d.max_sample_batch),
+        "windows one Sample call may ask for",
+        type=int,
+    )
     _flag(parser, "--tls-cert", "", "PEM certificate chain; with --tls-key, serve TLS only")
     _flag(parser, "--tls-key", "", "PEM private key of --tls-cert")
     _flag(
@@ -190,16 +206,15 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     _flag(
         parser,
         "--shutdown-grace-s",
-        "30",
+        str(d.shutdown_grace_s),
         "on SIGTERM/SIGINT, seconds in-flight calls may take",
         type=float,
     )
-    _flag(parser, "--log-level", "INFO", "DEBUG, INFO, WARNING or ERROR")
+    _flag(parser, "--log-level", d.log_level, "DEBUG, INFO, WARNING or ERROR")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from expvault_server.app import serve
-    from expvault_server.config import ServerConfig
 
     try:
         config = ServerConfig(
