@@ -129,7 +129,7 @@ def client_channel(
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()  # the defaults live in one place
-    _flag(parser, "--root", str(d.root), "directory holding the vaults")
+    _flag(parser, "--root", f"./{d.root}", "directory holding the vaults")
     _flag(parser, "--listen", d.listen, "HOST:PORT to listen on; port 0 picks a free one")
     _flag(parser, "--max-message-bytes", str(d.max_message_bytes), "largest gRPC message", type=int)
     _flag(
