@@ -8,13 +8,12 @@ importing JAX and compiling overlap the benchmark's set-up rather than its measu
 from __future__ import annotations
 
 import queue
-import re
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from expvault_server._served import process_memory
 from expvault_server.bench import (
     BenchSettings,
     Payload,
@@ -206,13 +205,8 @@ def actors_case(
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of a process in MB (`VmRSS` of /proc/PID/status); 0 when unreadable."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 / _MB if match else 0.0
+    """Resident memory of a process in MB (`VmRSS`); 0 when unreadable."""
+    return process_memory(pid)[0] / _MB
 
 
 def _delete_vault(target: str, vault_name: str) -> None:

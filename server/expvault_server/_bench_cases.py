@@ -11,10 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +20,7 @@ import numpy as np
 
 from expvault_server._bench_actors import ActorPool, actors_case
 from expvault_server._bench_grpc import RawClient, raw_server
+from expvault_server._served import ServeProcess
 from expvault_server.bench import (
     BenchSettings,
     Payload,
@@ -254,29 +251,11 @@ def _local_writes(settings: BenchSettings, work: Path, progress: Progress) -> di
 @contextlib.contextmanager
 def _server(root: Path) -> Iterator[tuple[str, int]]:
     """`expvault serve` as a subprocess on a free loopback port; yields `(target, pid)`."""
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "expvault_server.cli", "serve"),
-            *("--root", str(root), "--listen", "127.0.0.1:0"),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = ServeProcess(root)
     try:
-        if process.stderr is None:  # pragma: no cover - stderr is a pipe
-            raise RuntimeError("no stderr pipe")
-        lines = []
-        for line in process.stderr:
-            lines.append(line)
-            if match := re.search(r"serving on (\S+)", line):
-                break
-        else:
-            raise RuntimeError("expvault serve exited before listening:\n" + "".join(lines))
-        threading.Thread(target=process.stderr.read, daemon=True).start()  # drain its log
-        yield match.group(1), process.pid
+        yield server.target, server.process.pid
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        server.stop()
 
 
 def _make_read_vault(settings: BenchSettings, root: Path) -> int:

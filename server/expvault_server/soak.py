@@ -22,8 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,10 +33,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from expvault_server._served import ServeProcess
+
 __all__ = ["SoakResult", "SoakSettings", "main", "rss_bound_bytes", "run_soak", "summary"]
 
 _MIB = 1 << 20
-_SERVING = re.compile(r"expvault serving on (\S+):(\d+) ")
 # Memory not tied to a limit: gRPC's transport buffers, thread stacks, allocator slack.
 _SLACK_BYTES = 256 * _MIB
 # Per stream written: the time chunk a stream may always hold in the log beyond `max_log_bytes`
@@ -276,83 +275,6 @@ def _child(
 # -- the server -----------------------------------------------------------------------------------
 
 
-class _Server:
-    """`expvault serve` in a subprocess; its log is pumped into memory."""
-
-    def __init__(self, settings: SoakSettings, root: Path) -> None:
-        self.lines: list[str] = []
-        self._port: queue.Queue[int | None] = queue.Queue()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "expvault_server.cli",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--root",
-                str(root),
-                "--max-inflight-bytes",
-                str(settings.max_inflight_bytes),
-                "--max-inflight-bytes-per-stream",
-                str(settings.max_inflight_bytes_per_stream),
-                "--message-bytes",
-                str(settings.message_bytes),
-                "--max-read-buffer-bytes",
-                str(settings.max_read_buffer_bytes),
-                "--max-log-bytes",
-                str(settings.max_log_bytes),
-                "--cache-bytes",
-                str(settings.cache_bytes),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
-        self._pump_thread.start()
-        try:
-            port = self._port.get(timeout=settings.startup_timeout_s)
-        except queue.Empty:
-            port = None
-        if port is None:
-            self.stop()
-            raise RuntimeError(f"the server did not start: {''.join(self.lines[-20:])}")
-        self.target = f"127.0.0.1:{port}"
-
-    def _pump(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if m := _SERVING.search(line):
-                self._port.put(int(m.group(2)))
-        self._port.put(None)
-
-    def memory(self) -> tuple[int, int]:
-        """`(VmRSS, VmHWM)` of the server process in bytes (0, 0 once it exited)."""
-        try:
-            text = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return 0, 0
-        values = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.MULTILINE))
-        return int(values.get("VmRSS", 0)) * 1024, int(values.get("VmHWM", 0)) * 1024
-
-    def stop(self) -> int:
-        """SIGTERM (graceful), then kill after 60 s; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        status = self.process.wait()
-        self._pump_thread.join(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return status
-
-
 # -- orchestration --------------------------------------------------------------------------------
 
 
@@ -371,7 +293,16 @@ def run_soak(settings: SoakSettings, *, out: TextIO | None = None) -> SoakResult
         root = settings.root
         if root is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="expvault-soak-")))
-        server = _Server(settings, root)
+        server = ServeProcess(
+            root,
+            *("--max-inflight-bytes", str(settings.max_inflight_bytes)),
+            *("--max-inflight-bytes-per-stream", str(settings.max_inflight_bytes_per_stream)),
+            *("--message-bytes", str(settings.message_bytes)),
+            *("--max-read-buffer-bytes", str(settings.max_read_buffer_bytes)),
+            *("--max-log-bytes", str(settings.max_log_bytes)),
+            *("--cache-bytes", str(settings.cache_bytes)),
+            startup_timeout_s=settings.startup_timeout_s,
+        )
         stack.callback(server.stop)
         baseline = server.memory()[0]
         say(f"server on {server.target}, root {root}, idle RSS {baseline / _MIB:.0f} MiB")
@@ -380,7 +311,7 @@ def run_soak(settings: SoakSettings, *, out: TextIO | None = None) -> SoakResult
 
 
 def _drive(
-    settings: SoakSettings, server: _Server, baseline: int, say: Callable[[str], None]
+    settings: SoakSettings, server: ServeProcess, baseline: int, say: Callable[[str], None]
 ) -> SoakResult:
     ctx = mp.get_context("spawn")  # JAX and gRPC do not survive fork
     events: Any = ctx.Queue()
