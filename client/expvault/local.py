@@ -87,7 +87,10 @@ class Vault:
         uid = vault_uid if vault_uid else datetime.now().strftime("%Y%m%d%H%M%S")
         check_name("vault_name", vault_name)
         check_name("vault_uid", uid)
-        self._store = Store(os.path.join(os.getcwd(), rel_dir))
+        location = str(rel_dir)
+        if "://" not in location and not location.lstrip().startswith("{"):
+            location = os.path.join(os.getcwd(), location)  # flashbax's rel_dir: under the cwd
+        self._store = Store(location)
         try:
             self._stream = self._open(
                 vault_name, uid, experience_structure, compression, metadata, chunk_steps
@@ -119,7 +122,7 @@ class Vault:
         except NotFoundError:
             if experience_structure is None:
                 raise NotFoundError(
-                    f"vault {vault_name}/{uid} does not exist under {self._store.root} and no "
+                    f"vault {vault_name}/{uid} does not exist under {self._store.url} and no "
                     "experience_structure was provided to create it"
                 ) from None
             schema = Schema.from_experience(experience_structure)
@@ -131,9 +134,9 @@ class Vault:
                 chunk_steps=chunk_steps,
             )
             stream = self._store.open_stream(vault_name, uid, create=True)
-            logger.info("new vault created at %s", stream.path)
+            logger.info("new vault created at %s", stream.where)
             return stream
-        logger.info("loading vault found at %s", stream.path)
+        logger.info("loading vault found at %s", stream.where)
         if experience_structure is not None:
             mismatch = stream.schema.describe_mismatch(Schema.from_experience(experience_structure))
             if mismatch:
@@ -151,8 +154,8 @@ class Vault:
 
     @property
     def path(self) -> str:
-        """The stream's directory."""
-        return str(self._stream.path)
+        """The stream's directory, or its URL on an object store."""
+        return self._stream.where
 
     def write(
         self,

@@ -107,6 +107,9 @@ class VaultServer:
                 config.root,
                 cache_bytes=config.cache_bytes,
                 max_log_bytes=config.max_log_bytes,
+                lease_s=config.lease_s,
+                s3_endpoint=config.s3_endpoint,
+                s3_region=config.s3_region,
             )
         limit = config.max_message_bytes
         server = grpc.aio.server(
@@ -153,7 +156,7 @@ class VaultServer:
         logger.info(
             "expvault serving on %s root=%s tls=%s",
             self.address,
-            self._store.root,
+            self._store.url,
             "mutual" if config.tls_client_ca else "on" if credentials else "off",
         )
         return self.port

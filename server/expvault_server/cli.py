@@ -129,7 +129,27 @@ def client_channel(
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     d = ServerConfig()  # the defaults live in one place
-    _flag(parser, "--root", f"./{d.root}", "directory holding the vaults")
+    _flag(
+        parser,
+        "--root",
+        f"./{d.root}",
+        "where the vaults live: a directory, file://DIR, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+        "memory:// or a tensorstore kvstore spec (JSON)",
+    )
+    _flag(
+        parser,
+        "--s3-endpoint",
+        "",
+        "S3 endpoint URL (S3-compatible stores); default AWS_ENDPOINT_URL",
+    )
+    _flag(parser, "--s3-region", "", "S3 region; default AWS_REGION or AWS_DEFAULT_REGION")
+    _flag(
+        parser,
+        "--lease-s",
+        str(d.lease_s),
+        "object stores: seconds a server's lease of a stream lasts unrenewed (failover time)",
+        type=float,
+    )
     _flag(parser, "--listen", d.listen, "HOST:PORT to listen on; port 0 picks a free one")
     _flag(parser, "--max-message-bytes", str(d.max_message_bytes), "largest gRPC message", type=int)
     _flag(
@@ -219,6 +239,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig(
             root=args.root,
+            s3_endpoint=args.s3_endpoint or None,
+            s3_region=args.s3_region or None,
+            lease_s=args.lease_s,
             listen=args.listen,
             max_message_bytes=args.max_message_bytes,
             message_bytes=args.message_bytes,

@@ -35,7 +35,14 @@ class ServerConfig:
     """Settings of `expvault serve`; each has a flag and an `EXPVAULT_*` environment variable.
 
     Attributes:
-        root: directory holding the vaults (`--root`, `EXPVAULT_ROOT`).
+        root: where the vaults live (`--root`, `EXPVAULT_ROOT`): a directory, `file://DIR`,
+            `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`, `memory://` or a tensorstore kvstore
+            spec (JSON). Several servers may share an object store (see `lease_s`).
+        s3_endpoint: S3 endpoint URL for S3-compatible stores; default `AWS_ENDPOINT_URL`.
+        s3_region: S3 region; default `AWS_REGION` / `AWS_DEFAULT_REGION`.
+        lease_s: on an object store, how long a server's lease of a stream it writes lasts
+            without renewal (renewed every quarter of it): another server takes over a dead
+            server's streams after at most this long.
         listen: `HOST:PORT` to bind; port 0 picks a free port (`--listen`, `EXPVAULT_LISTEN`).
         max_message_bytes: largest gRPC message accepted or sent, raised on purpose from
             gRPC's 4 MiB default.
@@ -72,7 +79,10 @@ class ServerConfig:
         log_level: `DEBUG`, `INFO`, `WARNING`, `ERROR`.
     """
 
-    root: Path = Path("vaults")
+    root: Path | str = Path("vaults")
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    lease_s: float = 10.0
     listen: str = "127.0.0.1:50051"
     max_message_bytes: int = 64 << 20
     message_bytes: int = 1 << 20
@@ -94,7 +104,11 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        root = str(self.root)
+        is_url = "://" in root or root.lstrip().startswith("{")
+        object.__setattr__(self, "root", root if is_url else Path(root))
+        if not self.lease_s > 0:
+            raise InvalidArgumentError(f"lease_s must be > 0, got {self.lease_s}")
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
             value = getattr(self, name)

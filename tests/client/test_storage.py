@@ -723,13 +723,16 @@ def test_overlapping_log_segments_load_each_step_once(tmp_path: Path) -> None:
     # A segment renamed into place whose append then failed (directory fsync) is removed, but
     # one left by an older version would overlap the retry's; loading keeps each step once.
     from expvault.storage import files
+    from expvault.storage.location import SegmentName
 
     store = Store(tmp_path / "root")
     stream = _stream(store, chunk_steps=64)
     stream.append(0, expected(0, 5))
-    path = stream.path
+    location = store.location
     store.close()
-    files.write_segment(path, files.Segment(3, tuple(expected(3, 9))))
+    segment = files.Segment(3, tuple(expected(3, 9)))
+    name = SegmentName(3, 9, 0)
+    location.write_segment("v/u", name, files.encode_segment(segment))
     reopened = Store(tmp_path / "root")
     try:
         again = reopened.open_stream("v", "u")

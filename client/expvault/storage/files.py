@@ -1,8 +1,9 @@
-"""Everything the storage engine does to the file system itself, in one place.
+"""What the storage engine does to the local file system, and the write-ahead log's format.
 
-tensorstore owns the zarr arrays; this module owns the rest of a stream's directory: names that
-cannot escape the root, atomic and durable JSON files, the write-ahead log of the partial time
-chunk, the writer lock, and bytes on disk. Another location (an object store) replaces this module.
+tensorstore owns the zarr arrays; this module owns the rest of a stream's directory on a local
+disk: names that cannot escape the root, atomic and durable files, the writer lock, bytes on disk,
+and the byte format of a write-ahead log segment (the same on every location). `location.py`
+decides where those bytes go.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ WAL_DIR = "wal"
 _WAL_MAGIC = b"EXVW"
 _WAL_VERSION = 1
 _WAL_HEADER = struct.Struct("<4sIQQI")  # magic, version, start, num_steps, num_leaves
-_WAL_NAME = re.compile(r"(\d{20})-(\d{20})\.seg")
 LOCK_FILE = "expvault.lock"
 
 
@@ -184,12 +184,8 @@ class Segment:
         return self.start + self.num_steps
 
 
-def _segment_path(stream_dir: Path, start: int, stop: int) -> Path:
-    return stream_dir / WAL_DIR / f"{start:020d}-{stop:020d}.seg"
-
-
-def write_segment(stream_dir: Path, segment: Segment) -> None:
-    """Appends one segment to the stream's write-ahead log; durable when it returns."""
+def encode_segment(segment: Segment) -> list[bytes | memoryview]:
+    """A log segment as the byte chunks of its file: header, each leaf's bytes, CRC32."""
     views = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in segment.arrays]
     header = _WAL_HEADER.pack(
         _WAL_MAGIC, _WAL_VERSION, segment.start, segment.num_steps, len(views)
@@ -197,43 +193,23 @@ def write_segment(stream_dir: Path, segment: Segment) -> None:
     crc = zlib.crc32(header)
     for v in views:
         crc = zlib.crc32(v, crc)
-    (stream_dir / WAL_DIR).mkdir(exist_ok=True)
-    path = _segment_path(stream_dir, segment.start, segment.stop)
-    try:
-        write_durably(path, [header, *views, struct.pack("<I", crc)])
-    except BaseException:
-        # Renamed but not made durable (the directory fsync failed): not acknowledged, so take
-        # it back rather than leave a segment that a later append at this offset overlaps.
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
+    return [header, *views, struct.pack("<I", crc)]
 
 
-def segment_files(stream_dir: Path) -> Iterator[tuple[int, int, Path]]:
-    """Yields `(start, stop, path)` of every complete log segment, unordered."""
-    try:
-        names = os.listdir(stream_dir / WAL_DIR)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if m := _WAL_NAME.fullmatch(name):
-            yield int(m.group(1)), int(m.group(2)), stream_dir / WAL_DIR / name
-
-
-def read_segment(
-    path: Path, dtypes: Sequence[np.dtype[Any]], shapes: Sequence[tuple[int, ...]]
+def decode_segment(
+    data: bytes, where: str, dtypes: Sequence[np.dtype[Any]], shapes: Sequence[tuple[int, ...]]
 ) -> Segment:
-    """Reads one log segment back.
+    """Reads one log segment back from its bytes (its arrays are views of `data`).
 
     Args:
-        path: the segment file.
+        data: the segment file's bytes.
+        where: the segment's path or URL, for the error.
         dtypes: each leaf's dtype, in schema order.
         shapes: each leaf's `(B, ...)` shape without the time axis, in schema order.
 
     Raises:
-        StorageError: the file is damaged (bad magic, sizes or checksum).
+        StorageError: the segment is damaged (bad magic, sizes or checksum).
     """
-    data = path.read_bytes()
     try:
         magic, version, start, steps, nleaves = _WAL_HEADER.unpack_from(data)
         if magic != _WAL_MAGIC or version != _WAL_VERSION or nleaves != len(dtypes):
@@ -252,7 +228,7 @@ def read_segment(
         if offset != len(data) - 4:
             raise ValueError("sizes do not add up")
     except (ValueError, struct.error) as e:
-        raise StorageError(f"write-ahead log segment {path} is damaged: {e}") from e
+        raise StorageError(f"write-ahead log segment {where} is damaged: {e}") from e
     return Segment(start, tuple(arrays))
 
 
@@ -278,7 +254,14 @@ def remove_quietly(path: Path) -> None:
 
 
 class WriterLock:
-    """An exclusive advisory lock on a stream directory: one writing process per stream."""
+    """An exclusive advisory lock on a stream directory: one writing process per stream.
+
+    The kernel releases it when the process dies, so it needs no epoch or fences (see `Lease`
+    for shared stores).
+    """
+
+    epoch = 0
+    fences: tuple[tuple[int, int], ...] = ()
 
     def __init__(self, stream_dir: Path) -> None:
         self._fd = os.open(stream_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -290,6 +273,9 @@ class WriterLock:
                 f"stream {stream_dir.parent.name}/{stream_dir.name} is being written by another "
                 "process; a stream has one writer at a time (use another vault_uid)"
             ) from e
+
+    def check(self) -> None:
+        """Held until released: nothing to check."""
 
     def release(self) -> None:
         """Releases the lock (idempotent)."""

@@ -1,5 +1,8 @@
 """The root of many vaults: `<root>/<vault_name>/<vault_uid>/` is a flashbax-format stream.
 
+The root is a `Location`: a local directory, or an object store (`s3://`, `gs://`, `memory://`)
+that several servers may share (see `location.py` and `lease.py`).
+
 A vault has one experience structure, recorded in `<root>/<vault_name>/vault.json`; each stream
 directory holds flashbax's `metadata.json` and one OCDBT database with a zarr array per leaf and
 `vault_index`. Vaults written by flashbax (no `vault.json`) are served as they are.
@@ -11,7 +14,7 @@ import contextlib
 import logging
 import math
 import os
-import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Mapping
@@ -31,6 +34,8 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import files
+from expvault.storage.lease import DEFAULT_LEASE_S
+from expvault.storage.location import KvLocation, Location, open_location
 from expvault.storage.stream import LogBudget, Stream
 
 logger = logging.getLogger(__name__)
@@ -126,31 +131,55 @@ class VaultInfo:
 
 
 class Store:
-    """All vaults under one root directory; opens each stream once and shares it.
+    """All vaults under one root; opens each stream once and shares it.
 
     Args:
-        root: the directory holding the vaults (created when missing).
+        root: where the vaults live: a directory (created when missing), `file://DIR`,
+            `memory://`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`, or a tensorstore kvstore
+            spec (see `open_location`), or a `Location` (its context then holds the cache).
         cache_bytes: tensorstore's chunk cache for reads, shared by all streams.
         max_log_bytes: bytes of committed steps all streams together keep in memory until they
             are moved into the arrays; writers wait beyond it (see `LogBudget`). None: no bound.
+        lease_s: on a shared object store, how long a writer's lease of a stream lasts without
+            renewal: how long another server waits to take over a stream of a dead one.
+        poll_interval_s: how often a stream another process writes is looked at for new steps
+            while someone follows it.
+        s3_endpoint, s3_region: for `s3://` roots (default from the AWS environment variables).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        root: str | os.PathLike[str] | dict[str, Any] | Location,
         *,
         cache_bytes: int = 256 << 20,
         max_log_bytes: int | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+        poll_interval_s: float = 0.2,
+        s3_endpoint: str | None = None,
+        s3_region: str | None = None,
     ) -> None:
-        self.root = Path(root).absolute()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise files.os_error(f"cannot create the storage root {self.root}", e) from e
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        if isinstance(root, Location):
+            self.location: Location = root
+        else:
+            context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+            self.location = open_location(
+                root, context, s3_endpoint=s3_endpoint, s3_region=s3_region
+            )
+        self._context = self.location.context
+        self.url = self.location.url
+        self.lease_s = lease_s
+        # This store's name in the leases it takes: a stream it does not write in memory is free
+        # for it to take back (after its own crash, or a lost lease).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.poll_interval_s = poll_interval_s
         self.log_budget = LogBudget(max_log_bytes)
         self._lock = threading.RLock()
         self._streams: dict[tuple[str, str], Stream] = {}
+
+    @property
+    def root(self) -> Path:
+        """The root directory (a local location only; `url` names any)."""
+        return self.location.local_path()
 
     # -- vaults -------------------------------------------------------------------------------
 
@@ -206,13 +235,21 @@ class Store:
                 "chunk_steps": steps,
                 "metadata": _jsonable(metadata),
             }
-            vault_dir = self.root / vault_name
             try:
-                vault_dir.mkdir(exist_ok=True)
-                files.write_json(vault_dir / VAULT_FILE, document)
-                files.fsync_dir(self.root)
-            except OSError as e:
-                raise files.os_error(f"cannot create vault {vault_name!r}", e, self.root) from e
+                self.location.make_dir(vault_name)
+                if not self.location.write_json(
+                    f"{vault_name}/{VAULT_FILE}", document, create_only=True
+                ):
+                    # Another server created it meanwhile: compare with that one.
+                    return self.create_vault(
+                        vault_name,
+                        schema,
+                        compression=compression,
+                        metadata=metadata,
+                        chunk_steps=chunk_steps,
+                    )
+            except (OSError, ValueError) as e:
+                raise self.location.error(f"cannot create vault {vault_name!r}", e) from e
             logger.info("created vault %s", vault_name)
             return self.get_vault(vault_name), True
 
@@ -223,34 +260,36 @@ class Store:
             NotFoundError: no such vault.
         """
         files.check_name("vault_name", vault_name)
-        vault_dir = self.root / vault_name
+        where = self.location
         uids = self.list_streams(vault_name)
-        if (vault_dir / VAULT_FILE).exists():
-            doc = files.read_json(vault_dir / VAULT_FILE)
+        if where.exists(f"{vault_name}/{VAULT_FILE}"):
+            doc = where.read_json(f"{vault_name}/{VAULT_FILE}")
             try:
                 schema = Schema.from_metadata(doc["structure_shape"], doc["structure_dtype"])
                 compression, chunk_steps = doc.get("compression"), int(doc["chunk_steps"])
                 user = dict(doc.get("metadata") or {})
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise StorageError(
-                    f"{vault_dir / VAULT_FILE} is malformed ({type(e).__name__}: {e}); restore "
-                    "it from a backup (it records the vault's structure)"
+                    f"{where.describe(f'{vault_name}/{VAULT_FILE}')} is malformed "
+                    f"({type(e).__name__}: {e}); restore it from a backup (it records the "
+                    "vault's structure)"
                 ) from e
-        elif any((vault_dir / uid / METADATA_FILE).exists() for uid in uids):
+        elif described := [u for u in uids if where.exists(f"{vault_name}/{u}/{METADATA_FILE}")]:
             # A vault flashbax wrote: its first stream describes it.
-            first = next(uid for uid in uids if (vault_dir / uid / METADATA_FILE).exists())
-            meta = files.read_json(vault_dir / first / METADATA_FILE)
+            meta_key = f"{vault_name}/{described[0]}/{METADATA_FILE}"
+            meta = where.read_json(meta_key)
             try:
                 schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
             except (KeyError, TypeError, ValueError) as e:
                 raise StorageError(
-                    f"{vault_dir / first / METADATA_FILE} is malformed ({type(e).__name__}: {e})"
+                    f"{where.describe(meta_key)} is malformed ({type(e).__name__}: {e})"
                 ) from e
             user = {k: v for k, v in meta.items() if k not in (*_FLASHBAX_KEYS, _EXPVAULT_KEY)}
             compression, chunk_steps = None, 0
         elif uids:
             raise StorageError(
-                f"vault {vault_name!r} at {vault_dir} has neither {VAULT_FILE} nor a stream with "
+                f"vault {vault_name!r} at {where.describe(vault_name)} has neither {VAULT_FILE} "
+                "nor a stream with "
                 f"{METADATA_FILE}: its structure is lost; restore them from a backup"
             )
         else:
@@ -273,13 +312,12 @@ class Store:
     def list_vaults(self) -> list[str]:
         """Returns the names of the vaults under the root, sorted."""
         names = []
-        for entry in sorted(os.listdir(self.root)):
-            path = self.root / entry
-            if entry.startswith(".") or not path.is_dir():
+        for entry in self.location.list_children(""):
+            if entry.startswith("."):
                 continue
             with contextlib.suppress(InvalidNameError):
                 files.check_name("vault_name", entry)
-                if (path / VAULT_FILE).exists() or self.list_streams(entry):
+                if self.location.exists(f"{entry}/{VAULT_FILE}") or self.list_streams(entry):
                     names.append(entry)
         return names
 
@@ -289,16 +327,15 @@ class Store:
         A stream directory that lost its `metadata.json` but holds data is listed too, so that
         opening it reports the damage instead of the stream vanishing.
         """
-        vault_dir = self.root / files.check_name("vault_name", vault_name)
-        try:
-            entries = sorted(os.listdir(vault_dir))
-        except FileNotFoundError:
-            return []
+        files.check_name("vault_name", vault_name)
         return [
             e
-            for e in entries
+            for e in self.location.list_children(vault_name)
             if not e.startswith(".")
-            and any((vault_dir / e / name).exists() for name in (METADATA_FILE, _OCDBT_MANIFEST))
+            and any(
+                self.location.exists(f"{vault_name}/{e}/{name}")
+                for name in (METADATA_FILE, _OCDBT_MANIFEST)
+            )
         ]
 
     def delete_vault(self, vault_name: str) -> None:
@@ -311,11 +348,10 @@ class Store:
         with self._lock:
             for key in [k for k in self._streams if k[0] == vault_name]:
                 self._streams.pop(key).close()
-            # Rename first so a crash never leaves a half-deleted vault that looks valid.
-            doomed = self.root / f".deleted-{vault_name}-{uuid.uuid4().hex}"
-            os.replace(self.root / vault_name, doomed)
-            files.fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
+            try:
+                self.location.delete_tree(vault_name)
+            except OSError as e:
+                raise self.location.error(f"cannot delete vault {vault_name!r}", e) from e
         logger.info("deleted vault %s", vault_name)
 
     # -- streams ------------------------------------------------------------------------------
@@ -332,15 +368,24 @@ class Store:
         files.check_name("vault_uid", vault_uid)
         key = (vault_name, vault_uid)
         with self._lock:
+            cached = self._streams.get(key)
+        if cached is not None:
+            cached.refresh(self.poll_interval_s)  # steps other processes committed meanwhile
+            return cached
+        with self._lock:
             if key in self._streams:
                 return self._streams[key]
-            path = self.root / vault_name / vault_uid
-            if not (path / METADATA_FILE).exists():
-                if (path / _OCDBT_MANIFEST).exists():
+            where = self.location
+            stream_key = f"{vault_name}/{vault_uid}"
+            if not where.exists(f"{stream_key}/{METADATA_FILE}"):
+                # On an object store a crash mid-creation leaves arrays without metadata.json:
+                # creating again completes it. Elsewhere that is damage to report.
+                half_created = isinstance(where, KvLocation) and create
+                if where.exists(f"{stream_key}/{_OCDBT_MANIFEST}") and not half_created:
                     raise StorageError(
-                        f"stream {vault_name}/{vault_uid} has data but its {METADATA_FILE} is "
-                        f"missing ({path / METADATA_FILE}); restore it from a backup, or move "
-                        f"{path} out of the root"
+                        f"stream {stream_key} has data but its {METADATA_FILE} is missing "
+                        f"({where.describe(f'{stream_key}/{METADATA_FILE}')}); restore it "
+                        f"from a backup, or move {where.describe(stream_key)} out of the root"
                     )
                 if not create:
                     raise NotFoundError(f"stream {vault_name}/{vault_uid} not found")
@@ -365,15 +410,15 @@ class Store:
             "structure_dtype": dtype,
             _EXPVAULT_KEY: {"chunk_steps": vault.chunk_steps, "compression": vault.compression},
         }
-        final = self.root / vault_name / vault_uid
-        staging = self.root / vault_name / f".creating-{vault_uid}-{uuid.uuid4().hex}"
-        try:
-            staging.mkdir()
-            batch = vault.schema.batch_size
+        batch = vault.schema.batch_size
+        again = isinstance(self.location, KvLocation)  # completes a crashed creation in place
+
+        def build(key: str) -> None:
+            base = self.location.kvstore(key)
             for leaf in vault.schema.leaves:
                 ts.open(
                     _spec(
-                        staging,
+                        base,
                         leaf.name,
                         create=True,
                         metadata={
@@ -382,40 +427,33 @@ class Store:
                         },
                     ),
                     create=True,
+                    open=again,
                     dtype=leaf.dtype.name,
                     shape=(batch, TIME_AXIS_MAX_LENGTH, *leaf.step_shape),
                     context=self._context,
                 ).result()
             index = ts.open(
-                _spec(staging, "vault_index", create=True, metadata={"chunks": [1]}),
+                _spec(base, "vault_index", create=True, metadata={"chunks": [1]}),
                 create=True,
+                open=again,
                 dtype=ts.int32,
                 shape=(1,),
                 context=self._context,
             ).result()
             index.write(0).result()
-            files.write_json(staging / METADATA_FILE, metadata)
-            os.replace(staging, final)
-            files.fsync_dir(final.parent)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if final.exists():
-                raise StorageError(
-                    f"stream {vault_name}/{vault_uid} was created concurrently"
-                ) from e
-            raise files.os_error(
-                f"cannot create stream {vault_name}/{vault_uid}", e, self.root
-            ) from e
-        except ValueError as e:  # tensorstore's errors, a full disk included
-            shutil.rmtree(staging, ignore_errors=True)
-            raise files.storage_error(
-                f"cannot create stream {vault_name}/{vault_uid}", e, self.root
-            ) from e
+            # Last: the stream exists once its metadata does (first creator wins).
+            self.location.write_json(f"{key}/{METADATA_FILE}", metadata, create_only=True)
+
+        try:
+            self.location.create_stream(f"{vault_name}/{vault_uid}", build)
+        except (OSError, ValueError) as e:  # tensorstore's errors, a full disk included
+            raise self.location.error(f"cannot create stream {vault_name}/{vault_uid}", e) from e
         logger.info("created stream %s/%s", vault_name, vault_uid)
 
     def _open(self, vault_name: str, vault_uid: str) -> Stream:
-        path = self.root / vault_name / vault_uid
-        meta = files.read_json(path / METADATA_FILE)
+        key = f"{vault_name}/{vault_uid}"
+        base = self.location.kvstore(key)
+        meta = self.location.read_json(f"{key}/{METADATA_FILE}")
         try:
             version = float(meta["version"])
             schema = Schema.from_metadata(meta["structure_shape"], meta["structure_dtype"])
@@ -430,13 +468,13 @@ class Store:
             )
         try:
             arrays = [
-                ts.open(_spec(path, leaf.name), context=self._context).result()
+                ts.open(_spec(base, leaf.name), context=self._context).result()
                 for leaf in schema.leaves
             ]
-            index = ts.open(_spec(path, "vault_index"), context=self._context).result()
+            index = ts.open(_spec(base, "vault_index"), context=self._context).result()
         except ValueError as e:
             raise StorageError(
-                f"cannot open the arrays of stream {vault_name}/{vault_uid} under {path}: {e}"
+                f"cannot open the arrays of stream {key} under {self.location.describe(key)}: {e}"
             ) from e
         for leaf, array in zip(schema.leaves, arrays, strict=True):
             expected = (schema.batch_size, *leaf.step_shape)
@@ -452,18 +490,21 @@ class Store:
             return Stream(
                 vault_name=vault_name,
                 vault_uid=vault_uid,
-                path=path,
+                location=self.location,
                 schema=schema,
                 metadata=user,
                 arrays=arrays,
                 index=index,
                 flush_steps=flush_steps,
                 log_budget=self.log_budget,
+                lease_s=self.lease_s,
+                owner=self.owner,
+                poll_interval_s=self.poll_interval_s,
             )
         except (OSError, ValueError) as e:  # the index or the log cannot be read
             raise StorageError(
-                f"cannot load the committed state of stream {vault_name}/{vault_uid} under "
-                f"{path}: {e}"
+                f"cannot load the committed state of stream {key} under "
+                f"{self.location.describe(key)}: {e}"
             ) from e
 
     def close(self) -> None:
@@ -476,11 +517,10 @@ class Store:
 
 
 def _spec(
-    base: Path, name: str, *, create: bool = False, metadata: dict[str, Any] | None = None
+    base: dict[str, Any], name: str, *, create: bool = False, metadata: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The tensorstore spec of array `name` in the OCDBT database of the stream at `base`."""
-    base_store = {"driver": "file", "path": f"{base}/"}  # a dict: paths may hold any character
-    kvstore: dict[str, Any] = {"driver": "ocdbt", "base": base_store, "path": name}
+    """The tensorstore spec of array `name` in the OCDBT database on the kvstore `base`."""
+    kvstore: dict[str, Any] = {"driver": "ocdbt", "base": base, "path": name}
     if create:
         kvstore["config"] = _OCDBT_CONFIG
     spec: dict[str, Any] = {"driver": "zarr", "kvstore": kvstore}

@@ -21,13 +21,14 @@ import atexit
 import contextlib
 import logging
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import tensorstore as ts
@@ -38,9 +39,12 @@ from expvault.errors import (
     OffsetGapError,
     ResourceExhaustedError,
     StorageError,
+    StreamBusyError,
 )
 from expvault.schema import Schema
 from expvault.storage import files
+from expvault.storage.lease import FENCE_KEY, Fences, Lease, segment_valid
+from expvault.storage.location import NO_VALUE, KvLocation, Location, SegmentName
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,30 @@ _OPEN_WRITERS: weakref.WeakSet[Stream] = weakref.WeakSet()
 def _close_writers() -> None:
     for stream in list(_OPEN_WRITERS):
         stream.close()
+
+
+class _Writing(Protocol):
+    """The right to write a stream: a local `flock`, or a lease on a shared store."""
+
+    epoch: int
+    fences: Fences
+
+    def check(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class _Unshared:
+    """Writing where no other process can (memory): the Store's one object per stream suffices."""
+
+    epoch = 0
+    fences: Fences = ()
+
+    def check(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
 
 
 class LogBudget:
@@ -123,17 +151,24 @@ class Stream:
         *,
         vault_name: str,
         vault_uid: str,
-        path: Path,
+        location: Location,
         schema: Schema,
         metadata: dict[str, Any],
         arrays: Sequence[ts.TensorStore],
         index: ts.TensorStore,
         flush_steps: int,
         log_budget: LogBudget | None = None,
+        lease_s: float = 10.0,
+        owner: str | None = None,
+        poll_interval_s: float = 0.2,
     ) -> None:
         self.vault_name = vault_name
         self.vault_uid = vault_uid
-        self.path = path
+        self.key = f"{vault_name}/{vault_uid}"
+        self._location = location
+        self._lease_s = lease_s
+        self._owner = owner
+        self._poll_interval_s = poll_interval_s
         self.schema = schema
         self.metadata = metadata
         self._arrays = list(arrays)
@@ -149,46 +184,94 @@ class Stream:
         self._pending: deque[_Pending] = deque()
         self._listeners: list[Callable[[int], None]] = []
         self._threads: list[threading.Thread] = []
-        self._writer_lock: files.WriterLock | None = None
+        self._writing: _Writing | None = None
+        self._lost: str | None = None  # why this process lost the right to write, if it did
+        self._fence_kv: ts.KvStore | None = None  # the OCDBT database, for the fence key
+        self._fence_generation = b""
         self._closed = False
         self._materialized = 0
         self._segments: list[files.Segment] = []
+        self._loaded: dict[SegmentName, files.Segment] = {}  # segments read, by name
         self._length = 0
+        self._refreshed = 0.0  # when a reader last loaded the stored state (monotonic)
+        self._poller: threading.Thread | None = None
         self._materialize_failing = False  # log a storage outage once, not at every retry
         self._load(writer=False)
 
+    @property
+    def path(self) -> Path:
+        """The stream's directory (a local location only)."""
+        return self._location.local_path(self.key)
+
+    @property
+    def where(self) -> str:
+        """The stream's directory or URL, for messages."""
+        return self._location.describe(self.key)
+
     # -- recovery ---------------------------------------------------------------------------
+
+    def _fences(self) -> Fences:
+        """The takeover fences readers apply to the log (shared stores only)."""
+        if self._writing is not None:
+            return self._writing.fences
+        if isinstance(self._location, KvLocation) and self._location.shared:
+            return Lease.read_fences(self._location, self.key)
+        return ()
+
+    def _chain(self, materialized: int, fences: Fences) -> list[SegmentName]:
+        """The log segments that continue the arrays' `materialized` steps, in order."""
+        chain: list[SegmentName] = []
+        end = materialized
+        for name in sorted(
+            self._location.segments(self.key), key=lambda n: (n.start, n.stop, n.epoch)
+        ):
+            if name.stop <= end or not segment_valid(name.epoch, name.stop, fences):
+                continue
+            if name.start > end:
+                # Cannot happen with sequential durable writes; keep it for inspection.
+                logger.error("stream %s: log segment %s leaves a gap", self.where, name.name)
+                continue
+            chain.append(name)
+            end = name.stop
+        return chain
+
+    def _stored_length(self, fences: Fences) -> int:
+        """The committed length as stored now (index and log names; reads no segment)."""
+        materialized = int(self._index.read().result()[0])
+        chain = self._chain(materialized, fences)
+        return chain[-1].stop if chain else materialized
 
     def _load(self, *, writer: bool) -> None:
         """Loads the committed state: `vault_index`, then the log segments that continue it.
 
-        A reader's view is a snapshot taken when the stream was opened; a writer reloads when it
-        takes the writer lock (the state may have moved on meanwhile) and only then cleans up:
-        segments already materialized and temporary files of log writes a crash interrupted.
+        A reader's view is a snapshot, renewed by `refresh`; a writer reloads when it takes the
+        right to write (the state may have moved on meanwhile) and only then cleans up: segments
+        already materialized or fenced off, and temporary files a crash left behind.
         """
         dtypes = [leaf.dtype for leaf in self.schema.leaves]
         shapes = [(self.schema.batch_size, *leaf.step_shape) for leaf in self.schema.leaves]
+        fences = self._fences()
         for attempt in range(3):
             materialized = int(self._index.read().result()[0])
+            chain = self._chain(materialized, fences)
             segments: list[files.Segment] = []
+            loaded: dict[SegmentName, files.Segment] = {}
             end = materialized
             try:
-                for start, stop, path in sorted(files.segment_files(self.path)):
-                    if stop <= end:
-                        if writer:
-                            files.remove_quietly(path)  # already materialized, or a duplicate
-                        continue
-                    if start > end:
-                        # Cannot happen with sequential durable writes; keep it for inspection.
-                        logger.error("stream %s: log segment %s leaves a gap", self.path, path)
-                        continue
-                    segment = files.read_segment(path, dtypes, shapes)
-                    if start < end:  # overlaps what is loaded: keep only its new tail
+                for name in chain:
+                    segment = self._loaded.get(name)
+                    if segment is None:
+                        data = self._location.read_segment(self.key, name)
+                        segment = files.decode_segment(
+                            data, f"{self.where}/{files.WAL_DIR}/{name.name}", dtypes, shapes
+                        )
+                    loaded[name] = segment
+                    if name.start < end:  # overlaps what is loaded: keep only its new tail
                         segment = files.Segment(
-                            end, tuple(a[:, end - start :] for a in segment.arrays)
+                            end, tuple(a[:, end - name.start :] for a in segment.arrays)
                         )
                     segments.append(segment)
-                    end = stop
+                    end = name.stop
             except FileNotFoundError:
                 # Another process materialized and deleted it meanwhile: read the index again.
                 if attempt == 2:
@@ -196,16 +279,65 @@ class Stream:
                 continue
             break
         if writer:
-            files.remove_temporary(self.path)
+            for name in self._location.segments(self.key):
+                if name not in loaded:  # materialized, a duplicate, or fenced off
+                    self._location.remove_segment(self.key, name)
+            self._location.remove_temporary(self.key)
         with self._lock:
             self._materialized, self._segments, self._length = materialized, segments, end
-        if segments:
+            self._loaded = loaded
+        self._refreshed = time.monotonic()
+        if segments and writer:
             logger.info(
                 "stream %s/%s: %d committed steps are in the write-ahead log",
                 self.vault_name,
                 self.vault_uid,
                 end - materialized,
             )
+
+    def refresh(self, max_age_s: float = 0.0) -> int:
+        """Loads what other processes committed since the last look (readers only).
+
+        A no-op in the writing process, and when the last look is younger than `max_age_s`.
+
+        Returns:
+            The committed length.
+        """
+        stale = self._writing is None and time.monotonic() - self._refreshed >= max_age_s
+        # Not while this object starts writing (that loads the state itself, and may wait for a
+        # lease): then the view stays as it is for now.
+        if stale and self._starting.acquire(blocking=False):
+            try:
+                if self._writing is None:
+                    before = self.length
+                    self._load(writer=False)
+                    if self.length > before:
+                        self._notify(self.length)
+            finally:
+                self._starting.release()
+        return self.length
+
+    def _notify(self, length: int) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            try:
+                listener(length)
+            except Exception:
+                logger.exception("commit listener failed")
+
+    def _poll_loop(self) -> None:
+        """Refreshes a reader while it has listeners: new steps other processes commit."""
+        while True:
+            with self._lock:
+                if self._closed or not self._listeners:
+                    self._poller = None
+                    return
+            try:
+                self.refresh()
+            except Exception as e:  # the store is unreachable for now: keep following
+                logger.warning("stream %s: cannot look for new steps: %s", self.where, e)
+            time.sleep(self._poll_interval_s)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -222,17 +354,27 @@ class Stream:
             return self._materialized
 
     def bytes_on_disk(self) -> int:
-        """Bytes this stream occupies on disk (arrays, log, metadata)."""
-        return files.bytes_on_disk(self.path)
+        """Bytes this stream occupies on disk (arrays, log, metadata); 0 on object stores."""
+        return self._location.bytes_used(self.key)
 
     def on_commit(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """Calls `callback(new_length)` after each commit, from the committer thread.
+
+        In a process that does not write the stream, a thread looks for steps other processes
+        commit every `poll_interval_s` while there are listeners, and calls them from there.
 
         Returns:
             A function that unsubscribes.
         """
         with self._lock:
             self._listeners.append(callback)
+            start_poller = self._poller is None and self._writing is None and not self._closed
+            if start_poller:
+                self._poller = threading.Thread(
+                    target=self._poll_loop, name=f"expvault-poll-{self.key}", daemon=True
+                )
+        if start_poller and self._poller is not None:
+            self._poller.start()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -268,11 +410,15 @@ class Stream:
         if steps == 0:
             pending.future.set_result(self.length)
             return pending.future
+        if self._lost is not None:
+            raise StreamBusyError(self._lost)
         if not self._threads:
             self.begin_writing()
         with self._lock:
             if self._closed:
                 raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
+            if self._lost is not None:
+                raise StreamBusyError(self._lost)
             self._pending.append(pending)
             self._has_pending.notify()
         return pending.future
@@ -280,31 +426,38 @@ class Stream:
     def begin_writing(self) -> None:
         """Makes this object the stream's writer (idempotent); `submit` does it on first use.
 
-        Takes the writer lock, then reloads the committed state, which another writer may have
-        moved on since this object was opened: call it before choosing an append's offset.
+        Takes the right to write (the local lock, or on a shared store the stream's lease), then
+        reloads the committed state, which another writer may have moved on since this object
+        was opened: call it before choosing an append's offset. After a lost lease, takes it
+        again.
 
         Raises:
             StreamBusyError: another process (or Store) is the writer.
         """
         with self._starting:
-            if self._threads:
+            if self._threads and self._lost is None:
                 return
             if self._closed:
                 raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
-            lock = files.WriterLock(self.path)
+            if self._threads:
+                self._stop_writing()  # the lease was lost: wind down, then take it again
+            writing = self._take_writing()
+            self._writing = writing
             try:
+                if isinstance(writing, Lease):
+                    self._take_fence(writing.epoch)
                 self._load(writer=True)
             except BaseException:
-                lock.release()
+                self._writing = None
+                writing.release()
                 raise
-            self._writer_lock = lock
+            self._lost = None
             with self._lock:
                 recovered = sum(_nbytes(s) for s in self._segments)
             self._log_budget.acquire(recovered, lambda: True)  # already in memory
             self._log_bytes = recovered
-            name = f"{self.vault_name}/{self.vault_uid}"
             threads = [
-                threading.Thread(target=loop, name=f"expvault-{what}-{name}", daemon=True)
+                threading.Thread(target=loop, name=f"expvault-{what}-{self.key}", daemon=True)
                 for loop, what in (
                     (self._commit_loop, "commit"),
                     (self._materialize_loop, "materialize"),
@@ -315,6 +468,66 @@ class Stream:
             with self._lock:
                 self._threads = threads
             _OPEN_WRITERS.add(self)
+
+    def _take_writing(self) -> _Writing:
+        location = self._location
+        if isinstance(location, KvLocation):
+            if not location.shared:
+                return _Unshared()
+            lease = Lease(
+                location, self.key, duration_s=self._lease_s, owner=self._owner, on_lost=self._lose
+            )
+            lease.acquire(self._stored_length)
+            return lease
+        return files.WriterLock(self.path)
+
+    def _take_fence(self, epoch: int) -> None:
+        """Writes this writer's epoch into the OCDBT database: older writers can commit no more."""
+        if self._fence_kv is None:
+            self._fence_kv = ts.KvStore.open(
+                {"driver": "ocdbt", "base": self._location.kvstore(self.key)},
+                context=self._location.context,
+            ).result()
+        found = self._fence_kv.read(FENCE_KEY).result()
+        if found.state != "missing" and int(found.value or b"0") >= epoch:
+            raise StreamBusyError(
+                f"stream {self.key}: a writer of a later epoch ({found.value.decode()}) fenced "
+                f"this one ({epoch}); write it through the server that holds its lease"
+            )
+        generation = found.stamp.generation if found.state != "missing" else NO_VALUE
+        written = self._fence_kv.write(FENCE_KEY, str(epoch).encode(), if_equal=generation)
+        self._fence_generation = bytes(written.result().generation)
+        if not self._fence_generation:
+            raise StreamBusyError(f"stream {self.key}: another writer took it meanwhile; retry")
+
+    def _lose(self, why: str) -> None:
+        """The lease is gone: fail what waits, stop committing; `begin_writing` takes it again."""
+        with self._lock:
+            if self._lost is not None or self._writing is None:
+                return
+            self._lost = why
+            pending, self._pending = list(self._pending), deque()
+            self._has_pending.notify_all()
+            self._has_chunks.notify_all()
+        for p in pending:
+            if p.future.set_running_or_notify_cancel():
+                p.future.set_exception(StreamBusyError(why))
+
+    def _stop_writing(self) -> None:
+        """Joins the writer threads of a lost lease and turns this object back into a reader."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._has_pending.notify_all()
+            self._has_chunks.notify_all()
+        for thread in threads:
+            thread.join()
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.release()
+        with self._lock:
+            held, self._log_bytes = self._log_bytes, 0
+        self._log_budget.release(held)
+        _OPEN_WRITERS.discard(self)
 
     def append(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
         """Appends and waits until durable; see `submit`.
@@ -327,9 +540,9 @@ class Stream:
     def _commit_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._closed:
+                while not self._pending and not self._closed and self._lost is None:
                     self._has_pending.wait()
-                if not self._pending:
+                if not self._pending or self._lost is not None:
                     return
                 taken: list[_Pending] = []
                 nbytes = 0
@@ -376,18 +589,26 @@ class Stream:
             segment = _merge(accepted)
             nbytes = _nbytes(segment)
             self._log_budget.acquire(nbytes, self._may_pass_log_budget)
+            assert self._writing is not None
+            name = SegmentName(segment.start, segment.stop, self._writing.epoch)
             try:
-                files.write_segment(self.path, segment)
-            except OSError as e:
+                self._location.write_segment(self.key, name, files.encode_segment(segment))
+                self._writing.check()  # still ours now: nobody else can have taken it over
+            except StreamBusyError as e:
+                self._log_budget.release(nbytes)
+                failure = e
+                self._lose(e.message)
+            except (OSError, ValueError) as e:
                 self._log_budget.release(nbytes)
                 # Nothing of this group is acknowledged; the log and the state are as before it,
                 # so the writer may retry the same appends (e.g. once disk space is freed).
-                failure = files.storage_error(
-                    f"cannot append to stream {self.vault_name}/{self.vault_uid}", e, self._root
+                failure = self._location.error(
+                    f"cannot append to stream {self.vault_name}/{self.vault_uid}", e
                 )
                 logger.error("%s", failure)
             else:
                 with self._lock:
+                    self._loaded[name] = segment
                     self._segments.append(segment)
                     self._log_bytes += nbytes
                     self._length = end
@@ -416,16 +637,16 @@ class Stream:
             held_steps = self._length - self._materialized
         return held_steps < self._flush_steps or self._materialize_failing
 
-    @property
-    def _root(self) -> Path:
-        return self.path.parent.parent
-
     def _materialize_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and self._length - self._materialized < self._flush_steps:
+                while (
+                    not self._closed
+                    and self._lost is None
+                    and self._length - self._materialized < self._flush_steps
+                ):
                     self._has_chunks.wait()
-                if self._closed:
+                if self._closed or self._lost is not None:
                     return
                 stop = self._length - self._length % self._flush_steps
                 stop = min(stop, self._materialized + MATERIALIZE_CHUNKS * self._flush_steps)
@@ -464,15 +685,28 @@ class Stream:
                 for array, values in zip(self._arrays, data, strict=True)
             ]
             writes.append(self._index.with_transaction(txn).write(np.array([stop], np.int32)))
+            fence = self._fence_kv
+            if fence is not None and isinstance(self._writing, Lease):
+                # Commits only while no later writer wrote its epoch: a stale writer cannot.
+                epoch = str(self._writing.epoch).encode()
+                fenced = fence.with_transaction(txn)
+                fenced.write(FENCE_KEY, epoch, if_equal=self._fence_generation).result()
             for w in writes:
                 w.result()
             txn.commit_async().result()
+            if fence is not None and isinstance(self._writing, Lease):
+                self._fence_generation = bytes(fence.read(FENCE_KEY).result().stamp.generation)
         except Exception as e:
-            failure = files.storage_error(
+            if "Generation mismatch" in str(e) and self._fence_kv is not None:
+                self._lose(
+                    f"stream {self.key}: another server took over writing it (its fence in the "
+                    "arrays changed); this server stopped writing it"
+                )
+                return StorageError(str(e))
+            failure = self._location.error(
                 f"cannot move steps [{start}, {stop}) of stream {self.vault_name}/"
                 f"{self.vault_uid} from the write-ahead log into its arrays",
                 e,
-                self._root,
             )
             log = logger.debug if self._materialize_failing else logger.error
             log("%s; retrying later (the steps stay in the log)", failure)
@@ -488,12 +722,13 @@ class Stream:
             kept = [s for s in self._segments if s.stop > stop]
             freed = sum(_nbytes(s) for s in self._segments if s.stop <= stop)
             self._segments = kept
+            self._loaded = {n: seg for n, seg in self._loaded.items() if n.stop > stop}
             freed = min(freed, self._log_bytes)  # a reader's segments were never taken
             self._log_bytes -= freed
         self._log_budget.release(freed)
-        for _, seg_stop, path in list(files.segment_files(self.path)):
-            if seg_stop <= stop:
-                files.remove_quietly(path)
+        for name in self._location.segments(self.key):
+            if name.stop <= stop:
+                self._location.remove_segment(self.key, name)
         return None
 
     # -- reads --------------------------------------------------------------------------------
@@ -632,7 +867,7 @@ class Stream:
     def _read_error(self, start: int, stop: int, error: Exception) -> StorageError:
         return StorageError(
             f"cannot read steps [{start}, {stop}) of stream {self.vault_name}/{self.vault_uid}: "
-            f"its stored data under {self.path} is damaged or unreadable ({error}); restore the "
+            f"its stored data under {self.where} is damaged or unreadable ({error}); restore the "
             "stream from a backup, or move its directory out of the root to serve the others"
         )
 
@@ -675,14 +910,9 @@ class Stream:
                 threads = self._threads
             for thread in threads:
                 thread.join()
-            if threads:
+            if threads and self._lost is None:
                 self._materialize(self._length)  # on failure the steps stay in the log (logged)
-            if self._writer_lock is not None:
-                self._writer_lock.release()
-            with self._lock:
-                held, self._log_bytes = self._log_bytes, 0
-            self._log_budget.release(held)  # the stream is forgotten; its memory with it
-            _OPEN_WRITERS.discard(self)
+            self._stop_writing()  # releases the lock or lease, and the log's memory
 
 
 def _nbytes(segment: files.Segment) -> int:
