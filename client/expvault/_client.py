@@ -7,6 +7,7 @@ arrays and flashbax buffer states.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -19,12 +20,12 @@ from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
 
 from expvault import codec
 from expvault._rpc import (
-    Backoff,
+    ChannelPool,
+    Failover,
     channel_options,
     error_from_rpc,
     is_retryable,
     method_path,
-    open_channel,
 )
 from expvault.errors import StorageError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Client",
     "Decoder",
+    "Stubs",
     "full_state",
     "leaf_name",
     "parse_with_leaves",
@@ -50,8 +52,39 @@ def leaf_name(name: str) -> str:
     return name if name.endswith(".") else name + "."
 
 
+class Stubs:
+    """The calls of one server's channel.
+
+    Attributes:
+        stub: the generated stub.
+        read_raw: Read answering raw bytes, for `parse_with_leaves` (no copies of leaves).
+        sample_raw: Sample answering raw bytes.
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.stub = vault_pb2_grpc.VaultServiceStub(channel)
+        self.read_raw: grpc.UnaryStreamMultiCallable[vault_pb2.ReadRequest, bytes]
+        self.read_raw = channel.unary_stream(
+            method_path("Read"),
+            request_serializer=vault_pb2.ReadRequest.SerializeToString,
+        )
+        self.sample_raw: grpc.UnaryStreamMultiCallable[vault_pb2.SampleRequest, bytes]
+        self.sample_raw = channel.unary_stream(
+            method_path("Sample"),
+            request_serializer=vault_pb2.SampleRequest.SerializeToString,
+        )
+
+
 class Client:
-    """A channel and stub with the error mapping and retries readers and writers share."""
+    """Channels to one or more servers, with the error mapping and retries of readers and writers.
+
+    `target` is `HOST:PORT` or a comma-separated list of servers that share one store. A call
+    about a vault (and stream) tries the servers in the order that vault prefers
+    (`expvault._rpc.preference`, the same order on every client) and moves on to the next when
+    one is unreachable. Each server's channel is opened on first use, with the same options,
+    credentials and token.
+    """
 
     def __init__(
         self,
@@ -63,53 +96,85 @@ class Client:
         max_message_bytes: int,
         token: str | None = None,
     ) -> None:
-        self.channel = open_channel(
+        self.pool = ChannelPool(
             target,
             credentials=credentials,
             token=token,
             options=channel_options(max_message_bytes),
         )
-        self.stub = vault_pb2_grpc.VaultServiceStub(self.channel)
-        # Read and Sample answering raw bytes, for `parse_with_leaves` (no copies of leaves).
-        self.read_raw: grpc.UnaryStreamMultiCallable[vault_pb2.ReadRequest, bytes]
-        self.read_raw = self.channel.unary_stream(
-            method_path("Read"),
-            request_serializer=vault_pb2.ReadRequest.SerializeToString,
-        )
-        self.sample_raw: grpc.UnaryStreamMultiCallable[vault_pb2.SampleRequest, bytes]
-        self.sample_raw = self.channel.unary_stream(
-            method_path("Sample"),
-            request_serializer=vault_pb2.SampleRequest.SerializeToString,
-        )
+        self.targets = self.pool.targets
         self.target = target
         self.timeout_s = timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
+        self._lock = threading.Lock()
+        self._stubs: dict[str, Stubs] = {}
+
+    def stubs(self, target: str) -> Stubs:
+        """The calls of one of `targets` (its channel opens on first use)."""
+        with self._lock:
+            stubs = self._stubs.get(target)
+            if stubs is None:
+                stubs = self._stubs[target] = Stubs(self.pool.channel(target))
+            return stubs
+
+    def failover(self, vault_name: str, vault_uid: str = "") -> Failover:
+        """The servers a call about this vault (and stream) tries, in order, across outages."""
+        return Failover(self.pool.preference(vault_name, vault_uid), self.reconnect_timeout_s)
+
+    def moves_on(self, rpc_error: grpc.RpcError) -> bool:
+        """Whether a failed call may succeed on another try (of a call safe to repeat)."""
+        if is_retryable(rpc_error):
+            return True
+        # A server that does not answer in time: with others to try, try them.
+        return (
+            len(self.targets) > 1
+            and isinstance(rpc_error, grpc.Call)
+            and rpc_error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        )
 
     def call(
-        self, method: Callable[..., _Response], request: Any, *, retry: bool = True
+        self,
+        method: Callable[[Stubs], Callable[..., _Response]],
+        request: Any,
+        *,
+        vault_name: str = "",
+        vault_uid: str = "",
+        retry: bool = True,
     ) -> _Response:
-        """Runs a unary call; retries it while the server is unreachable (idempotent calls only).
+        """Runs a unary call; retries it while servers are unreachable (idempotent calls only).
+
+        Args:
+            method: picks the call from a server's `Stubs`, e.g. `lambda s: s.stub.GetVault`.
+            request: the request.
+            vault_name: the vault the call is about (picks the servers' order).
+            vault_uid: the stream the call is about, if any.
+            retry: try again (other servers, then with backoff up to `reconnect_timeout_s`)
+                while unreachable.
 
         Raises:
             ExpvaultError: the class the server named, with its message.
         """
-        backoff = Backoff(self.reconnect_timeout_s)
+        failover = self.failover(vault_name, vault_uid)
         while True:
+            target = failover.target
             try:
-                return method(request, timeout=self.timeout_s)
+                return method(self.stubs(target))(request, timeout=self.timeout_s)
             except grpc.RpcError as rpc_error:
-                delay = backoff.next_delay() if retry and is_retryable(rpc_error) else None
+                delay = failover.next_delay() if retry and self.moves_on(rpc_error) else None
                 if delay is None:
                     raise error_from_rpc(rpc_error) from rpc_error
-                logger.debug("call to %s failed (%s); retrying", self.target, rpc_error.code())
+                logger.debug(
+                    "call to %s failed (%s); trying %s", target, rpc_error.code(), failover.target
+                )
                 time.sleep(delay)
 
     def get_vault(self, vault_name: str) -> vault_pb2.VaultInfo:
         request = vault_pb2.GetVaultRequest(vault_name=vault_name)
-        return self.call(self.stub.GetVault, request).vault
+        return self.call(lambda s: s.stub.GetVault, request, vault_name=vault_name).vault
 
     def close(self) -> None:
-        self.channel.close()
+        """Closes every server's channel (idempotent); calls in flight end."""
+        self.pool.close()
 
 
 _Message = TypeVar("_Message", vault_pb2.ReadResponse, vault_pb2.SampleResponse)
@@ -241,25 +306,50 @@ def read_streams(
     experience_structure: Any,
     names: Sequence[str] | None,
 ) -> tuple[Decoder, dict[str, tuple[int, list[np.ndarray[Any, Any]]]]]:
-    """Runs a (non-follow) Read; returns the decoder and per stream `(start, wire arrays)`."""
+    """Runs a (non-follow) Read; returns the decoder and per stream `(start, wire arrays)`.
+
+    With several servers, a server that is unreachable (or breaks off) is left for the next
+    one in the stream's order, which reads the whole request again; each server is tried once.
+    """
+    order = client.pool.preference(request.vault_name, request.vault_uid)
+    for i, target in enumerate(order):
+        try:
+            return _read_from(client.stubs(target), request, experience_structure, names)
+        except grpc.RpcError as rpc_error:
+            if i + 1 == len(order) or not client.moves_on(rpc_error):
+                raise error_from_rpc(rpc_error) from rpc_error
+            logger.debug(
+                "reading %s from %s failed (%s); reading from %s",
+                request.vault_name,
+                target,
+                rpc_error.code().name,
+                order[i + 1],
+            )
+    raise AssertionError("unreachable: the last server's failure is raised")
+
+
+def _read_from(
+    stubs: Stubs,
+    request: vault_pb2.ReadRequest,
+    experience_structure: Any,
+    names: Sequence[str] | None,
+) -> tuple[Decoder, dict[str, tuple[int, list[np.ndarray[Any, Any]]]]]:
+    """`read_streams` on one server; raises `grpc.RpcError` as the call failed."""
     decoder: Decoder | None = None
     selected: list[str] = []
     pieces: dict[str, _Gathered] = {}
-    try:
-        for raw in client.read_raw(request):
-            message, leaves = parse_with_leaves(raw, vault_pb2.ReadResponse)
-            if decoder is None:
-                decoder = Decoder(message.structure, experience_structure)
-                selected = decoder.selected(names)
-                continue
-            gathered = pieces.get(message.vault_uid)
-            if gathered is None:
-                capacity = _read_capacity(request, message.start, message.committed_offset)
-                gathered = pieces[message.vault_uid] = _Gathered(message.start, capacity)
-            if message.num_steps:
-                gathered.add(message.start, decoder.decode(selected, message.num_steps, leaves))
-    except grpc.RpcError as rpc_error:
-        raise error_from_rpc(rpc_error) from rpc_error
+    for raw in stubs.read_raw(request):
+        message, leaves = parse_with_leaves(raw, vault_pb2.ReadResponse)
+        if decoder is None:
+            decoder = Decoder(message.structure, experience_structure)
+            selected = decoder.selected(names)
+            continue
+        gathered = pieces.get(message.vault_uid)
+        if gathered is None:
+            capacity = _read_capacity(request, message.start, message.committed_offset)
+            gathered = pieces[message.vault_uid] = _Gathered(message.start, capacity)
+        if message.num_steps:
+            gathered.add(message.start, decoder.decode(selected, message.num_steps, leaves))
     if decoder is None:
         raise StorageError("the server ended a Read without its structure")
     out = {}

@@ -31,7 +31,7 @@ from expvault._client import (
     to_jax,
 )
 from expvault._learner import Follow, Followed, Prefetch, SampleIterator, check_positions
-from expvault._rpc import DEFAULT_MAX_MESSAGE_BYTES, Backoff, error_from_rpc, is_retryable
+from expvault._rpc import DEFAULT_MAX_MESSAGE_BYTES, error_from_rpc, is_retryable
 from expvault.errors import InvalidArgumentError, NotFoundError, StorageError
 from expvault.schema import Schema
 from expvault.v1 import vault_pb2
@@ -49,14 +49,20 @@ class VaultReader:
     position to save and resume; `sample` draws random windows and `sample_iter` prefetches
     them on a background thread.
 
+    With several servers sharing one store (`target="host1:50051,host2:50051"`), every call
+    tries the servers in the order its vault (and stream) prefers, the order writers use too,
+    and moves on to the next when one is unreachable; `follow` resumes at its position there.
+
     Args:
-        target: the server, `HOST:PORT`.
+        target: the server, `HOST:PORT`, or several servers over one store as
+            `"host1:50051,host2:50051"`.
         vault_name: the vault.
         experience_structure: optional pytree whose structure results take (matched by leaf
             name); default nested dicts.
         vault_uid: the stream `read` and `follow` use by default.
         timeout_s: deadline of each unary call.
-        reconnect_timeout_s: how long `follow` and unary calls keep retrying an absent server.
+        reconnect_timeout_s: how long `follow`, `sample` and unary calls keep retrying while
+            no server answers.
         max_message_bytes: the channel's message limit.
         credentials: TLS credentials, e.g. `expvault.tls_credentials(ca="ca.pem")`; None for a
             plaintext channel.
@@ -64,6 +70,7 @@ class VaultReader:
             (needs scope `write` to write, `read` to read); None for none.
 
     Raises:
+        InvalidArgumentError: a bad `target` list (an empty entry, a server twice) or token.
         NotFoundError: no such vault.
         SchemaMismatchError: `experience_structure` differs from the vault's.
         UnauthenticatedError: the server needs a token (`token=`) and got none or a bad one.
@@ -330,8 +337,8 @@ class VaultReader:
     ) -> Iterator[Followed]:
         """The follow generator: updates `positions` before yielding each item."""
         names = self._decoder.selected(leaves)
-        backoff = Backoff(self._client.reconnect_timeout_s)
-        backoff_fresh = True
+        failover = self._client.failover(self.vault_name, uid)
+        outage = False
         while True:
             request = read_request(
                 self.vault_name,
@@ -341,11 +348,12 @@ class VaultReader:
                 follow=True,
                 start_offsets=positions,
             )
-            call = self._client.stub.Read(request)
+            target = failover.target
+            call = self._client.stubs(target).stub.Read(request)
             try:
                 for message in call:
-                    backoff.reset()
-                    backoff_fresh = True
+                    failover.answered()
+                    outage = False
                     if not message.vault_uid or not message.num_steps:
                         continue
                     position = positions.get(message.vault_uid, start)
@@ -364,16 +372,18 @@ class VaultReader:
                     yield Followed(message.vault_uid, position, self._decoder.tree(names, arrays))
                 return  # only a bounded follow ends; ours never do
             except grpc.RpcError as rpc_error:
-                delay = backoff.next_delay() if is_retryable(rpc_error) else None
+                delay = failover.next_delay() if is_retryable(rpc_error) else None
                 if delay is None:
                     raise error_from_rpc(rpc_error) from rpc_error
                 # One warning per outage; the retries behind it at DEBUG.
-                log = logger.warning if backoff_fresh else logger.debug
-                backoff_fresh = False
+                log = logger.debug if outage else logger.warning
+                outage = True
                 log(
-                    "following %s lost the server (%s); resuming in %.2f s",
+                    "following %s lost %s (%s); resuming on %s in %.2f s",
                     self.vault_name,
+                    target,
                     rpc_error.code().name,
+                    failover.target,
                     delay,
                 )
                 time.sleep(delay)
@@ -433,9 +443,10 @@ class VaultReader:
             request.seed = seed
         names = self._decoder.selected(leaves)
         parts: list[list[np.ndarray[Any, Any]]] = []
-        backoff = Backoff(self._client.reconnect_timeout_s)
+        failover = self._client.failover(self.vault_name)
         while True:
-            call = self._client.sample_raw(request)
+            target = failover.target
+            call = self._client.stubs(target).sample_raw(request)
             if track is not None:
                 track(call)
             try:
@@ -445,9 +456,16 @@ class VaultReader:
                     parts.append(self._decoder.decode(names, sequence_length, blobs, rows))
                 break
             except grpc.RpcError as rpc_error:
-                delay = backoff.next_delay() if is_retryable(rpc_error) else None
+                delay = failover.next_delay() if is_retryable(rpc_error) else None
                 if delay is None:
                     raise error_from_rpc(rpc_error) from rpc_error
+                logger.debug(
+                    "sampling %s on %s failed (%s); trying %s",
+                    self.vault_name,
+                    target,
+                    rpc_error.code().name,
+                    failover.target,
+                )
                 parts.clear()
                 time.sleep(delay)
             finally:
@@ -517,7 +535,7 @@ class VaultReader:
         return iterator
 
     def close(self) -> None:
-        """Stops this reader's sample iterators and closes the channel (ends follows)."""
+        """Stops this reader's sample iterators and closes the channels (ends follows)."""
         for iterator in list(self._iterators):
             iterator.close()
         self._client.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,11 +23,15 @@ __all__ = [
     "ERROR_DOMAIN",
     "Backoff",
     "BearerToken",
+    "ChannelPool",
+    "Failover",
     "channel_options",
     "error_from_rpc",
     "is_retryable",
     "method_path",
     "open_channel",
+    "parse_targets",
+    "preference",
     "tls_credentials",
 ]
 
@@ -189,7 +195,20 @@ def open_channel(
         token: sent as `authorization: Bearer TOKEN` on every call; None for none.
         options: channel options; default `channel_options()`.
     """
-    options = channel_options() if options is None else options
+    return _open(
+        target,
+        credentials,
+        None if token is None else BearerToken(token),
+        channel_options() if options is None else options,
+    )
+
+
+def _open(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    token: BearerToken | None,
+    options: list[tuple[str, Any]],
+) -> grpc.Channel:
     channel = (
         grpc.insecure_channel(target, options=options)
         if credentials is None
@@ -197,7 +216,113 @@ def open_channel(
     )
     if token is None:
         return channel
-    return grpc.intercept_channel(channel, BearerToken(token))
+    return grpc.intercept_channel(channel, token)
+
+
+def parse_targets(target: str) -> tuple[str, ...]:
+    """The servers of a target: `"HOST:PORT"`, or several as `"host1:50051,host2:50051"`.
+
+    Returns:
+        The servers, in the order given (the order does not matter to `preference`).
+
+    Raises:
+        InvalidArgumentError: an empty target or entry, or a server listed twice.
+    """
+    if not isinstance(target, str):
+        raise InvalidArgumentError(
+            f"target must be a string HOST:PORT[,HOST:PORT...], got {target!r}"
+        )
+    targets = tuple(t.strip() for t in target.split(","))
+    if not all(targets):
+        raise InvalidArgumentError(
+            f"target {target!r} must be HOST:PORT or a comma-separated list of them, "
+            "without empty entries"
+        )
+    repeated = sorted({t for t in targets if targets.count(t) > 1})
+    if repeated:
+        raise InvalidArgumentError(f"target {target!r} lists {repeated} more than once")
+    return targets
+
+
+def _weight(target: str, vault_name: str, vault_uid: str) -> bytes:
+    # A hash every process computes alike (Python's hash() of a str is salted per process).
+    key = "\0".join((vault_name, vault_uid, target)).encode()
+    return hashlib.blake2b(key, digest_size=8).digest()
+
+
+def preference(targets: Sequence[str], vault_name: str, vault_uid: str = "") -> list[str]:
+    """The servers a stream prefers, best first: rendezvous (highest random weight) hashing.
+
+    Every client that lists the same servers (spelled alike, in any order) computes the same
+    order, so a stream goes to the same server from every client, streams spread evenly over
+    the servers, and removing one server moves only the streams it had.
+
+    Args:
+        targets: the servers (`parse_targets`).
+        vault_name: the vault.
+        vault_uid: the stream; "" for calls about the whole vault.
+
+    Returns:
+        `targets` sorted by `blake2b(vault_name, vault_uid, target)`, highest first.
+    """
+    return sorted(targets, key=lambda t: (_weight(t, vault_name, vault_uid), t), reverse=True)
+
+
+class ChannelPool:
+    """One channel per server of a target list, each opened on first use, all configured alike.
+
+    Args:
+        target: `HOST:PORT`, or several servers as `"host1:50051,host2:50051"`.
+        credentials: TLS credentials for every server; None for plaintext.
+        token: bearer token sent on every call to every server; None for none.
+        options: channel options; default `channel_options()`.
+
+    Raises:
+        InvalidArgumentError: a bad target list or token.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.targets = parse_targets(target)
+        self._credentials = credentials
+        self._token = None if token is None else BearerToken(token)
+        self._options = channel_options() if options is None else options
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._closed = False
+
+    def channel(self, target: str) -> grpc.Channel:
+        """The channel to `target` (one of `targets`), opened on first use.
+
+        Raises:
+            InvalidArgumentError: the pool is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise InvalidArgumentError(f"the channels to {','.join(self.targets)} are closed")
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = _open(target, self._credentials, self._token, self._options)
+                self._channels[target] = channel
+            return channel
+
+    def preference(self, vault_name: str, vault_uid: str = "") -> list[str]:
+        """`preference(self.targets, vault_name, vault_uid)`."""
+        return preference(self.targets, vault_name, vault_uid)
+
+    def close(self) -> None:
+        """Closes every channel opened (idempotent); calls in flight end with CANCELLED."""
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
 
 
 def _error_info(error: grpc.RpcError) -> tuple[str, Mapping[str, str]]:
@@ -264,6 +389,10 @@ class Backoff:
         self._delay_s = self._initial_s
         self._deadline = time.monotonic() + self.timeout_s
 
+    def expired(self) -> bool:
+        """Whether the deadline passed."""
+        return time.monotonic() >= self._deadline
+
     def next_delay(self) -> float | None:
         """Returns how long to sleep before the next try, or None when the deadline passed."""
         remaining = self._deadline - time.monotonic()
@@ -272,3 +401,57 @@ class Backoff:
         delay = min(self._delay_s * random.uniform(0.5, 1.0), remaining)
         self._delay_s = min(self._max_s, self._delay_s * 2)
         return delay
+
+
+class Failover:
+    """Which server a call or stream tries next, and when, while servers are unreachable.
+
+    A round walks the servers in the stream's preference order (`preference`): a failure that
+    may pass moves on to the next server at once; after the last one fails, the next round
+    starts from the first after a backoff delay. When a server that answered fails later (its
+    stream broke), the next round also starts from the first server after a delay: a stream
+    returns to its recovered preferred server then, never while another server serves it. With
+    one server this is `Backoff` alone.
+
+    Args:
+        order: the servers, best first.
+        timeout_s: give up once no server answered for this many seconds.
+    """
+
+    def __init__(self, order: Sequence[str], timeout_s: float) -> None:
+        self.order = list(order)
+        self.index = 0
+        self._backoff = Backoff(timeout_s)
+        self._answered = False
+
+    @property
+    def target(self) -> str:
+        """The server to try now."""
+        return self.order[self.index]
+
+    def answered(self) -> None:
+        """Records that `target` answered: the deadline starts again."""
+        self._backoff.reset()
+        self._answered = True
+
+    def restart(self) -> None:
+        """Starts over from the first server with a fresh deadline (after a raised failure)."""
+        self._backoff.reset()
+        self._answered = False
+        self.index = 0
+
+    def next_delay(self) -> float | None:
+        """Moves on after a failure of `target` that may pass.
+
+        Returns:
+            Seconds to wait before trying the new `target` (0 to try at once), or None when
+            no server answered for `timeout_s`.
+        """
+        if not self._answered and self.index + 1 < len(self.order):
+            if self._backoff.expired():
+                return None
+            self.index += 1
+            return 0.0
+        self._answered = False
+        self.index = 0
+        return self._backoff.next_delay()

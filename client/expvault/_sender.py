@@ -9,6 +9,13 @@ for acks; the server acknowledges each chunk, in order, once durable. When the s
 chunk from its offset: the server acknowledges steps it already has without writing them again,
 so nothing is lost or duplicated.
 
+With several servers over one store (`ChannelPool`), each (re)connect walks the servers in the
+stream's preference order and stays with the first that opens the stream: when the preferred
+server is unreachable the sender fails over to the next and resumes from the committed offset
+that server reports. It returns to the preferred server only when that stream breaks in turn
+(no flapping). A `StreamBusyError` after a failover (the old server's lease or lock is still
+held) is retried with backoff like an unreachable server.
+
 The queue is bounded in payload bytes: deltas not yet on the host count as much as encoded
 chunks, from `put` until their acknowledgement.
 
@@ -33,7 +40,7 @@ import grpc
 import numpy as np
 
 from expvault import codec
-from expvault._rpc import Backoff, error_from_rpc, is_retryable, method_path
+from expvault._rpc import ChannelPool, Failover, error_from_rpc, is_retryable, method_path
 from expvault.errors import (
     ExpvaultError,
     ResourceExhaustedError,
@@ -95,9 +102,12 @@ class Chunk:
 
 
 class _Connection:
-    """One Append call; `dead` tells its request generator to stop."""
+    """One Append call to `target`; `dead` tells its request generator to stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.answered = False  # the open response arrived
+        self.expired = False  # no open response within the open timeout: cancelled
         self.opened = False
         self.dead = False
         self.next_seq = 0
@@ -107,7 +117,8 @@ class Sender:
     """Sends the deltas of one stream from background threads; see the module docstring.
 
     Args:
-        channel: the channel (with raised message limits).
+        channel: the channel (with raised message limits), or the channels of several servers
+            sharing one store.
         vault_name: the vault.
         vault_uid: the stream.
         leaf_names: the leaf names in wire order, checked against the server's open response.
@@ -116,11 +127,13 @@ class Sender:
         message_bytes: payload per Append message (deltas are split along time).
         start_offset: the stream's length when this writer read it; a first open that finds
             more steps fails with `StreamBusyError` (another writer appended in between).
+        open_timeout_s: a server that neither opens the stream nor fails within this many
+            seconds counts as unreachable; None waits as long as gRPC does.
     """
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: grpc.Channel | ChannelPool,
         vault_name: str,
         vault_uid: str,
         leaf_names: Sequence[str],
@@ -129,12 +142,16 @@ class Sender:
         reconnect_timeout_s: float,
         message_bytes: int = codec.DEFAULT_MESSAGE_BYTES,
         start_offset: int = 0,
+        open_timeout_s: float | None = None,
     ) -> None:
-        self._append = channel.stream_stream(
-            APPEND_METHOD,
-            request_serializer=codec.serialize_append_request,
-            response_deserializer=vault_pb2.AppendResponse.FromString,
-        )
+        if isinstance(channel, ChannelPool):
+            self._channel_of: Callable[[str], grpc.Channel] = channel.channel
+            self._order = channel.preference(vault_name, vault_uid)
+        else:
+            self._channel_of = lambda _: channel
+            self._order = ["the server"]
+        self._appends: dict[str, Any] = {}  # per server: the Append multi-callable
+        self._open_timeout_s = open_timeout_s
         self._vault_name = vault_name
         self._vault_uid = vault_uid
         self._leaf_names = list(leaf_names)
@@ -378,20 +395,28 @@ class Sender:
 
     def _send(self) -> None:
         """Connects, sends and reconnects until closed (everything acknowledged) or failed."""
-        backoff = Backoff(self._reconnect_timeout_s)
+        failover = Failover(self._order, self._reconnect_timeout_s)
+        last_errors: dict[str, str] = {}  # per server, why it failed since the last open
         while True:
-            connection = _Connection()
+            connection = _Connection(failover.target)
             try:
-                self._connect(connection, backoff)
+                self._connect(connection, failover)
                 return  # ended OK: the client closed and everything is acknowledged
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 cause: BaseException = rpc_error
                 # A second writer refused: after a break the server may still hold our old call
-                # until its accepted appends finish, so "busy" is transient once we had a stream.
+                # until its accepted appends finish, and after a failover the old server's lock
+                # or lease may not be released yet, so "busy" is transient once we had a stream.
                 retry = is_retryable(rpc_error) or (
                     isinstance(error, StreamBusyError) and self._committed >= 0
                 )
+                if connection.expired and rpc_error.code() == grpc.StatusCode.CANCELLED:
+                    error = UnavailableError(
+                        f"{connection.target} did not open {self._vault_name}/{self._vault_uid} "
+                        f"within {self._open_timeout_s} s"
+                    )
+                    retry = True
             except ExpvaultError as expvault_error:
                 error, cause = expvault_error, expvault_error
                 retry = isinstance(error, UnavailableError)
@@ -403,9 +428,18 @@ class Sender:
             with self._lock:
                 if self._error is not None:
                     return  # failed elsewhere (the preparing thread); this call was cancelled
-            delay = backoff.next_delay() if retry else None
+            if connection.opened:
+                last_errors.clear()
+            last_errors[connection.target] = f"{error.code.name}: {error.message}"
+            delay = failover.next_delay() if retry else None
             if delay is None:
-                if retry:
+                if retry and len(self._order) > 1:
+                    reasons = "; ".join(f"{t}: {why}" for t, why in last_errors.items())
+                    error = UnavailableError(
+                        f"cannot write {self._vault_name}/{self._vault_uid} on any of "
+                        f"{', '.join(self._order)} for {self._reconnect_timeout_s} s ({reasons})"
+                    )
+                elif retry:
                     error = UnavailableError(
                         f"cannot reach the server to write {self._vault_name}/{self._vault_uid} "
                         f"for {self._reconnect_timeout_s} s: {error.message}"
@@ -414,7 +448,7 @@ class Sender:
                 if isinstance(error, _MAY_PASS):
                     if not self._pause(error):
                         return
-                    backoff.reset()
+                    failover.restart()
                     continue
                 with self._lock:
                     self._fail(error)
@@ -422,14 +456,28 @@ class Sender:
             # One warning per outage; the retries behind it at DEBUG.
             log = logger.warning if self._failures == 0 else logger.debug
             self._failures += 1
-            log(
-                "writer of %s/%s lost its stream (%s: %s); reconnecting in %.2f s",
-                self._vault_name,
-                self._vault_uid,
-                error.code.name,
-                error.message,
-                delay,
-            )
+            if len(self._order) > 1:
+                log(
+                    "writer of %s/%s lost its stream on %s (%s: %s); trying %s in %.2f s",
+                    self._vault_name,
+                    self._vault_uid,
+                    connection.target,
+                    error.code.name,
+                    error.message,
+                    failover.target,
+                    delay,
+                )
+            else:
+                log(
+                    "writer of %s/%s lost its stream (%s: %s); reconnecting in %.2f s",
+                    self._vault_name,
+                    self._vault_uid,
+                    error.code.name,
+                    error.message,
+                    delay,
+                )
+            if delay <= 0:
+                continue
             wake_at = time.monotonic() + delay
             with self._lock:
                 while not (self._closing and self._idle()):
@@ -440,11 +488,47 @@ class Sender:
                 else:
                     return
 
-    def _connect(self, connection: _Connection, backoff: Backoff) -> None:
-        responses: Any = self._append(self._requests(connection))
+    def _append_call(self, target: str) -> Any:
+        """The Append multi-callable of a server (its channel opens on first use)."""
+        append = self._appends.get(target)
+        if append is None:
+            append = self._appends[target] = self._channel_of(target).stream_stream(
+                APPEND_METHOD,
+                request_serializer=codec.serialize_append_request,
+                response_deserializer=vault_pb2.AppendResponse.FromString,
+            )
+        return append
+
+    def _expire(self, connection: _Connection, call: grpc.Call) -> None:
+        """Cancels a call whose server did not answer the open in time (a timer thread)."""
+        with self._lock:
+            if connection.answered or connection.dead:
+                return
+            connection.expired = True
+        call.cancel()
+
+    def _open(self, connection: _Connection, responses: Any) -> vault_pb2.AppendResponse:
+        """Waits for the open response, at most `open_timeout_s`."""
+        if self._open_timeout_s is None:
+            opened: vault_pb2.AppendResponse = next(responses)
+            return opened
+        timer = threading.Timer(self._open_timeout_s, self._expire, (connection, responses))
+        timer.daemon = True
+        timer.start()
+        try:
+            opened = next(responses)
+            return opened
+        finally:
+            with self._lock:
+                connection.answered = True  # an answer or a failure: the timer has no say now
+            timer.cancel()
+
+    def _connect(self, connection: _Connection, failover: Failover) -> None:
+        responses: Any = self._append_call(connection.target)(self._requests(connection))
         with self._lock:
             self._call = responses
-        opened = next(responses)
+        opened = self._open(connection, responses)
+        failover.answered()
         names = [leaf.name for leaf in opened.structure.leaves]
         if names != self._leaf_names:
             raise StorageError(
@@ -460,23 +544,31 @@ class Sender:
                     "RemoteVault to resume after its steps",
                     metadata={"committed_offset": str(opened.committed_offset)},
                 )
+            if opened.committed_offset < self._committed:
+                # Acknowledged steps are missing there: resending would leave a gap or fork.
+                raise StorageError(
+                    f"{connection.target} holds {opened.committed_offset} steps of "
+                    f"{self._vault_name}/{self._vault_uid}, but {self._committed} were "
+                    "acknowledged; every server in the target list must serve the same root"
+                )
             self._ack_through(opened.committed_offset)
             connection.next_seq = self._pending[0].seq if self._pending else self._next_seq
             connection.opened = True
             self._cond.notify_all()
             self._chunks.notify_all()
         logger.debug(
-            "writer of %s/%s opened at %d",
+            "writer of %s/%s opened on %s at %d",
             self._vault_name,
             self._vault_uid,
+            connection.target,
             opened.committed_offset,
         )
-        backoff.reset()
         if self._failures:
             logger.info(
-                "writer of %s/%s reconnected after %d attempts; resuming from offset %d",
+                "writer of %s/%s reconnected%s after %d attempts; resuming from offset %d",
                 self._vault_name,
                 self._vault_uid,
+                "" if len(self._order) == 1 else f" to {connection.target}",
                 self._failures,
                 opened.committed_offset,
             )

@@ -52,8 +52,17 @@ class RemoteVault:
     restart neither loses nor duplicates a step. `flush()` waits until everything written is
     durable; `read` flushes first.
 
+    With several servers sharing one store (`target="host1:50051,host2:50051"`), the stream
+    goes to the server it prefers by rendezvous hashing of `(vault_name, vault_uid)`: every
+    client picks the same one, and streams spread evenly. When that server is unreachable the
+    writer fails over to the next in the stream's order and resumes from the committed offset
+    there; the caller sees no error. It returns to the preferred server only when a later
+    reconnect finds it back.
+
     Args:
-        target: the server, `HOST:PORT`.
+        target: the server, `HOST:PORT`, or several servers over one store as
+            `"host1:50051,host2:50051"` (every client must spell them alike; the order does
+            not matter).
         vault_name: the vault; created from `experience_structure` when missing.
         experience_structure: the buffer's experience (pytree, leaves `(B, T, ...)`); None to
             open an existing vault (read back as nested dicts).
@@ -61,8 +70,10 @@ class RemoteVault:
         compression: when creating the vault: a preset (`"lz4"`, `"zstd"`, `"gzip"`, `"none"`)
             or a zarr compressor dict; None for the server's default.
         metadata: when creating the vault: JSON-serialisable user metadata.
-        timeout_s: deadline of each unary call.
-        reconnect_timeout_s: how long to keep reconnecting after the server went away.
+        timeout_s: deadline of each unary call; with several servers, also how long a server
+            may take to open the stream before the writer tries the next.
+        reconnect_timeout_s: how long to keep reconnecting (to any server) after the server
+            went away.
         max_pending_bytes: written but unacknowledged payload bytes (including steps still on
             their way from the device) above which `write` blocks (backpressure).
         block_when_full: when `max_pending_bytes` are unacknowledged, `write` waits (True) or
@@ -75,6 +86,7 @@ class RemoteVault:
             (needs scope `write` to write, `read` to read); None for none.
 
     Raises:
+        InvalidArgumentError: a bad `target` list (an empty entry, a server twice) or token.
         NotFoundError: the vault does not exist and no `experience_structure` was given.
         AlreadyExistsError: it exists with another structure.
         SchemaMismatchError: `experience_structure` differs from the vault's.
@@ -117,7 +129,9 @@ class RemoteVault:
                     metadata_json=codec.to_json(metadata),
                     compression_json=codec.to_json(compression),
                 )
-                info = self._client.call(self._client.stub.CreateVault, request).vault
+                info = self._client.call(
+                    lambda s: s.stub.CreateVault, request, vault_name=vault_name
+                ).vault
             else:
                 info = self._client.get_vault(vault_name)
             self._decoder = Decoder(info.structure, experience_structure)
@@ -145,6 +159,11 @@ class RemoteVault:
     def schema(self) -> Schema:
         """The vault's experience structure, in this vault's pytree form."""
         return self._decoder.user
+
+    @property
+    def servers(self) -> list[str]:
+        """The servers of `target` in the order this stream prefers them, best first."""
+        return self._client.pool.preference(self.vault_name, self.vault_uid)
 
     @property
     def vault_index(self) -> int:
@@ -231,7 +250,7 @@ class RemoteVault:
     def _ensure_sender(self) -> Sender:
         if self._sender is None:
             self._sender = Sender(
-                self._client.channel,
+                self._client.pool,
                 self.vault_name,
                 self.vault_uid,
                 self._decoder.wire_names,
@@ -239,6 +258,8 @@ class RemoteVault:
                 reconnect_timeout_s=self._client.reconnect_timeout_s,
                 message_bytes=self._message_bytes,
                 start_offset=self._initial_length,
+                # With other servers to try, one that does not answer is left for them.
+                open_timeout_s=self._client.timeout_s if len(self._client.targets) > 1 else None,
             )
         return self._sender
 
@@ -298,7 +319,7 @@ class RemoteVault:
             raise InvalidArgumentError(f"RemoteVault {self.vault_name}/{self.vault_uid} is closed")
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Flushes, ends the Append stream and closes the channel (idempotent).
+        """Flushes, ends the Append stream and closes the channels (idempotent).
 
         Raises:
             ExpvaultError: a write failed; the vault is closed anyway.
