@@ -150,6 +150,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "object stores: seconds a server's lease of a stream lasts unrenewed (failover time)",
         type=float,
     )
+    _flag(
+        parser,
+        "--writer-idle-s",
+        str(d.writer_idle_s),
+        "seconds after its last writer detached that a stream is given up to other servers",
+        type=float,
+    )
     _flag(parser, "--listen", d.listen, "HOST:PORT to listen on; port 0 picks a free one")
     _flag(parser, "--max-message-bytes", str(d.max_message_bytes), "largest gRPC message", type=int)
     _flag(
@@ -242,6 +249,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             s3_endpoint=args.s3_endpoint or None,
             s3_region=args.s3_region or None,
             lease_s=args.lease_s,
+            writer_idle_s=args.writer_idle_s,
             listen=args.listen,
             max_message_bytes=args.max_message_bytes,
             message_bytes=args.message_bytes,

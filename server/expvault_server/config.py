@@ -43,6 +43,8 @@ class ServerConfig:
         lease_s: on an object store, how long a server's lease of a stream it writes lasts
             without renewal (renewed every quarter of it): another server takes over a dead
             server's streams after at most this long.
+        writer_idle_s: a stream no writer has been attached to for this long is given up (its
+            lock or lease released), so another server may write it while this one lives.
         listen: `HOST:PORT` to bind; port 0 picks a free port (`--listen`, `EXPVAULT_LISTEN`).
         max_message_bytes: largest gRPC message accepted or sent, raised on purpose from
             gRPC's 4 MiB default.
@@ -83,6 +85,7 @@ class ServerConfig:
     s3_endpoint: str | None = None
     s3_region: str | None = None
     lease_s: float = 10.0
+    writer_idle_s: float = 5.0
     listen: str = "127.0.0.1:50051"
     max_message_bytes: int = 64 << 20
     message_bytes: int = 1 << 20
@@ -109,6 +112,8 @@ class ServerConfig:
         object.__setattr__(self, "root", root if is_url else Path(root))
         if not self.lease_s > 0:
             raise InvalidArgumentError(f"lease_s must be > 0, got {self.lease_s}")
+        if not self.writer_idle_s >= 0:
+            raise InvalidArgumentError(f"writer_idle_s must be >= 0, got {self.writer_idle_s}")
         object.__setattr__(self, "log_level", str(self.log_level).upper())
         for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
             value = getattr(self, name)

@@ -109,6 +109,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         self._leases = WriterLeases()
         self._closing = False
         self._chunk_readers: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[None]] = set()  # writers given up when idle
         self._watches: set[CommitWatch] = set()
         self._new_streams: dict[str, set[asyncio.Event]] = {}
         self._creating = asyncio.Lock()
@@ -291,6 +292,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                 if reader is not None:
                     reader.cancel()
                 self._leases.release(vault_name, vault_uid, token, outstanding)
+                self._release_when_idle(vault_name, vault_uid, stream)
                 logger.info(
                     "writer %s detached from %s/%s at offset %d",
                     scope.peer,
@@ -298,6 +300,23 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                     vault_uid,
                     stream.length,
                 )
+
+    def _release_when_idle(self, vault_name: str, vault_uid: str, stream: Stream) -> None:
+        """Gives up the right to write a stream once no writer attached for `writer_idle_s`.
+
+        Another server can then take it over at once: a client that lost its way to this
+        server (but not this server its life) fails over without waiting for it to exit.
+        """
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            if self._closing or vault_uid in self._leases.writers_of(vault_name):
+                return  # a writer is attached again, or shutdown closes the stream anyway
+            task = loop.create_task(asyncio.to_thread(stream.end_writing))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+
+        loop.call_later(self._config.writer_idle_s, check)
 
     def _open_for_append(self, vault_name: str, vault_uid: str, create: bool) -> Stream:
         """Opens (or creates) a stream to append to, within the limits (blocks: worker thread).

@@ -209,3 +209,17 @@ def test_segments_past_a_later_epochs_base_are_not_valid() -> None:
     assert SegmentName.parse(SegmentName(5, 9, 3).name) == SegmentName(5, 9, 3)
     assert SegmentName.parse(SegmentName(5, 9, 0).name) == SegmentName(5, 9, 0)
     assert SegmentName(5, 9, 0).name == f"{5:020d}-{9:020d}.seg"  # a local directory's names
+
+
+def test_a_writer_gives_its_stream_up_and_takes_it_back(shared: Callable[[], Store]) -> None:
+    first, second = shared(), shared()
+    first.create_vault("v", SCHEMA, chunk_steps=16)
+    stream = first.open_stream("v", "u", create=True)
+    assert stream.append(0, steps(0, 5)) == 5
+    stream.end_writing()  # what a server does once no writer was attached for a while
+    began = time.monotonic()
+    assert second.open_stream("v", "u").append(5, steps(5, 9)) == 9
+    assert time.monotonic() - began < LEASE_S / 2  # handed back: no waiting for expiry
+    second.open_stream("v", "u").end_writing()
+    assert stream.append(9, steps(9, 12)) == 12  # takes it back, after what the other wrote
+    assert values(stream.read(0, 12)) == list(range(12))

@@ -186,6 +186,7 @@ class Stream:
         self._threads: list[threading.Thread] = []
         self._writing: _Writing | None = None
         self._lost: str | None = None  # why this process lost the right to write, if it did
+        self._ending = False  # `end_writing` is winding the writer threads down
         self._fence_kv: ts.KvStore | None = None  # the OCDBT database, for the fence key
         self._fence_generation = b""
         self._closed = False
@@ -326,6 +327,16 @@ class Stream:
             except Exception:
                 logger.exception("commit listener failed")
 
+    def _ensure_poller(self) -> None:
+        """Starts the thread that looks for other processes' commits, unless it runs."""
+        with self._lock:
+            if self._poller is not None or self._closed or not self._listeners:
+                return
+            poller = self._poller = threading.Thread(
+                target=self._poll_loop, name=f"expvault-poll-{self.key}", daemon=True
+            )
+        poller.start()
+
     def _poll_loop(self) -> None:
         """Refreshes a reader while it has listeners: new steps other processes commit."""
         while True:
@@ -368,13 +379,8 @@ class Stream:
         """
         with self._lock:
             self._listeners.append(callback)
-            start_poller = self._poller is None and self._writing is None and not self._closed
-            if start_poller:
-                self._poller = threading.Thread(
-                    target=self._poll_loop, name=f"expvault-poll-{self.key}", daemon=True
-                )
-        if start_poller and self._poller is not None:
-            self._poller.start()
+        if self._writing is None:
+            self._ensure_poller()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -410,18 +416,22 @@ class Stream:
         if steps == 0:
             pending.future.set_result(self.length)
             return pending.future
-        if self._lost is not None:
-            raise StreamBusyError(self._lost)
-        if not self._threads:
-            self.begin_writing()
-        with self._lock:
-            if self._closed:
-                raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
+        while True:
             if self._lost is not None:
                 raise StreamBusyError(self._lost)
-            self._pending.append(pending)
-            self._has_pending.notify()
-        return pending.future
+            if not self._threads:
+                self.begin_writing()
+            with self._lock:
+                if self._closed:
+                    raise StorageError(f"stream {self.vault_name}/{self.vault_uid} is closed")
+                if self._lost is not None:
+                    raise StreamBusyError(self._lost)
+                if self._threads and not self._ending:
+                    self._pending.append(pending)
+                    self._has_pending.notify()
+                    return pending.future
+            with self._starting:  # `end_writing` is giving the right up: wait, then take it again
+                pass
 
     def begin_writing(self) -> None:
         """Makes this object the stream's writer (idempotent); `submit` does it on first use.
@@ -468,6 +478,27 @@ class Stream:
             with self._lock:
                 self._threads = threads
             _OPEN_WRITERS.add(self)
+
+    def end_writing(self) -> None:
+        """Commits what is queued and gives up the right to write (the lock or the lease).
+
+        Another process may then write the stream at once; this object stays a reader, and its
+        next `submit` or `begin_writing` takes the right back. The steps of the partial time
+        chunk stay in the log (durable); whole chunks still there are moved by the next writer.
+        """
+        with self._starting:
+            if not self._threads or self._closed:
+                return
+            with self._lock:
+                self._ending = True
+                self._has_pending.notify_all()
+                self._has_chunks.notify_all()
+            try:
+                self._stop_writing()
+            finally:
+                with self._lock:
+                    self._ending = False
+        logger.info("stream %s: no writer attached; gave up the right to write it", self.key)
 
     def _take_writing(self) -> _Writing:
         location = self._location
@@ -528,6 +559,7 @@ class Stream:
             held, self._log_bytes = self._log_bytes, 0
         self._log_budget.release(held)
         _OPEN_WRITERS.discard(self)
+        self._ensure_poller()  # followers now learn of new steps from the store
 
     def append(self, start: int, arrays: Sequence[np.ndarray[Any, Any]]) -> int:
         """Appends and waits until durable; see `submit`.
@@ -540,7 +572,12 @@ class Stream:
     def _commit_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._closed and self._lost is None:
+                while (
+                    not self._pending
+                    and not self._closed
+                    and not self._ending
+                    and self._lost is None
+                ):
                     self._has_pending.wait()
                 if not self._pending or self._lost is not None:
                     return
@@ -642,11 +679,12 @@ class Stream:
             with self._lock:
                 while (
                     not self._closed
+                    and not self._ending
                     and self._lost is None
                     and self._length - self._materialized < self._flush_steps
                 ):
                     self._has_chunks.wait()
-                if self._closed or self._lost is not None:
+                if self._closed or self._ending or self._lost is not None:
                     return
                 stop = self._length - self._length % self._flush_steps
                 stop = min(stop, self._materialized + MATERIALIZE_CHUNKS * self._flush_steps)
