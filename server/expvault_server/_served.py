@@ -29,7 +29,7 @@ class ServeProcess:
     """`expvault serve --listen 127.0.0.1:0 --root ROOT FLAGS...`; its log is pumped into `lines`.
 
     Args:
-        root: the server's root.
+        root: the server's root: a directory or a URL (`s3://...`).
         flags: more flags of `expvault serve`.
         startup_timeout_s: how long to wait for the server to listen.
 
@@ -37,7 +37,7 @@ class ServeProcess:
         RuntimeError: the server exited or did not listen in time (its last log lines attached).
     """
 
-    def __init__(self, root: Path, *flags: str, startup_timeout_s: float = 180.0) -> None:
+    def __init__(self, root: Path | str, *flags: str, startup_timeout_s: float = 180.0) -> None:
         self.lines: list[str] = []
         self._port: queue.Queue[int | None] = queue.Queue()
         self.process = subprocess.Popen(

@@ -243,11 +243,15 @@ class Progress:
     Args:
         total: steps the run will take.
         stream: where to draw (stderr).
+        name: the command, at the start of each line when not a terminal.
     """
 
     WIDTH = 30
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(
+        self, total: int, stream: TextIO = sys.stderr, name: str = "expvault bench"
+    ) -> None:
+        self.name = name
         self.total = max(1, total)
         self.done = 0
         self._stream = stream
@@ -269,7 +273,7 @@ class Progress:
             if self.done == self.total:
                 self._stream.write("\n")
         else:
-            self._stream.write(f"expvault bench {head}\n")
+            self._stream.write(f"{self.name} {head}\n")
         self._stream.flush()
 
     def note(self, text: str) -> None:
@@ -277,7 +281,7 @@ class Progress:
         if self._live and self._last_width:
             self._stream.write("\r" + " " * self._last_width + "\r")
             self._last_width = 0
-        self._stream.write(f"expvault bench: {text}\n")
+        self._stream.write(f"{self.name}: {text}\n")
         self._stream.flush()
 
 

@@ -515,6 +515,8 @@ class Stream:
     def _take_fence(self, epoch: int) -> None:
         """Writes this writer's epoch into the OCDBT database: older writers can commit no more."""
         if self._fence_kv is None:
+            # The arrays' context: only within one context do a transaction's writes to the
+            # arrays and to this key reach the same OCDBT instance and commit all or nothing.
             self._fence_kv = ts.KvStore.open(
                 {"driver": "ocdbt", "base": self._location.kvstore(self.key)},
                 context=self._location.context,
