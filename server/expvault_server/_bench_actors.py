@@ -47,6 +47,8 @@ def _actor_main(index: int, payload: Payload, deltas: int, commands: Any, result
         distinct = payload.deltas(seed=100 + index, count=min(deltas, 8))  # cycled: small memory
         jax.block_until_ready(add(buffer.init(payload.example()), distinct[0]))  # type: ignore[no-untyped-call]
         target = commands.get()
+        if target is None:  # the run ended before it started (its error is raised there)
+            return
         while (vault_name := commands.get()) is not None:
             state = add(buffer.init(payload.example()), distinct[0])  # a new stream: a new ring
             uid = f"actor-{index}"

@@ -137,7 +137,9 @@ class SeaweedFS:
         if self._process is not None:
             raise RuntimeError("SeaweedFS is already started")
         weed = self._weed or find_weed()
-        self.directory = Path(tempfile.mkdtemp(prefix="expvault-seaweed-", dir=self._parent))
+        self.directory = Path(
+            tempfile.mkdtemp(prefix="expvault-seaweed-", dir=self._parent)
+        ).absolute()
         rng = random.Random()
         try:
             for attempt in range(1, _START_ATTEMPTS + 1):
