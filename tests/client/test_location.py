@@ -76,6 +76,13 @@ def test_locations_are_parsed_from_paths_urls_and_specs(tmp_path: Path) -> None:
     spec = open_location(json.dumps({"driver": "memory", "path": "x"}), context)
     assert isinstance(spec, KvLocation)
     assert spec.kvstore("v/u")["path"] == "x/v/u/"
+    gcs = open_location("gs://bucket/vaults", context)  # opening makes no request yet
+    assert isinstance(gcs, KvLocation)
+    assert gcs.kvstore("v/u") == {"driver": "gcs", "bucket": "bucket", "path": "vaults/v/u/"}
+    s3 = open_location("s3://bucket/vaults", context, s3_endpoint="http://127.0.0.1:1")
+    assert isinstance(s3, KvLocation)
+    assert s3.kvstore("v")["endpoint"] == "http://127.0.0.1:1"
+    assert s3.kvstore("v")["aws_region"] == "us-east-1"
     with pytest.raises(InvalidArgumentError, match="s3://BUCKET/PREFIX"):
         open_location("ftp://host/dir", context)
     with pytest.raises(InvalidArgumentError, match="not valid JSON"):
