@@ -46,9 +46,9 @@ def total_steps(settings: BenchSettings) -> int:
     """Progress steps of a run: one per repetition of each case, plus set-up steps."""
     runs = settings.repeats + 1
     growth = -(-settings.growth_large_steps // _GROWTH_BIG_APPEND)
-    # disk, grpc, 3 local writers, actors, 1 actor, latency, read, sample, growth x2; the
-    # read vault's set-up; growing the long stream
-    return runs * 12 + 1 + growth
+    # disk, grpc, 3 local writers, actors, 1 actor, latency, read, sample, growth (both
+    # streams); the read vault's set-up; growing the long stream
+    return runs * 11 + 1 + growth
 
 
 def run_all(settings: BenchSettings, work: Path, progress: Progress) -> list[Result]:
@@ -562,14 +562,6 @@ def _append_growth(settings: BenchSettings, work: Path, progress: Progress) -> R
         )
         delta = info.schema.flatten(tiny.arrays(rng, tiny.delta_steps))  # the stored leaf order
         big = info.schema.flatten(tiny.arrays(rng, big_steps))
-        short: list[float] = []
-        for run in range(settings.repeats + 1):
-            stream = store.open_stream("growth", f"short-{run}", create=True)
-            length = _grow(stream, 0, settings.growth_small_steps, big)
-            short_s = _time_appends(stream, length, delta, settings.growth_appends)
-            if run:
-                short.append(short_s)
-            progress.step(f"append cost at {settings.growth_small_steps:,} steps, run {run}")
         stream = store.open_stream("growth", "long", create=True)
         length = 0
         while length < settings.growth_large_steps:
@@ -578,12 +570,22 @@ def _append_growth(settings: BenchSettings, work: Path, progress: Progress) -> R
             )
             stream.flush()
             progress.step(f"grew a stream to {length:,} steps")
+        # Each run times the short stream, then the long one: a pair under the same conditions
+        # (the machine's load drifts over a run; the ratio is taken per pair).
+        short: list[float] = []
         long: list[float] = []
         for run in range(settings.repeats + 1):
+            fresh = store.open_stream("growth", f"short-{run}", create=True)
+            start = _grow(fresh, 0, settings.growth_small_steps, big)
+            short_s = _time_appends(fresh, start, delta, settings.growth_appends)
             long_s = _time_appends(stream, stream.length, delta, settings.growth_appends)
             if run:
+                short.append(short_s)
                 long.append(long_s)
-            progress.step(f"append cost at {settings.growth_large_steps:,} steps, run {run}")
+            progress.step(
+                f"append cost at {settings.growth_small_steps:,} and "
+                f"{settings.growth_large_steps:,} steps, run {run}"
+            )
     finally:
         store.close()
     ratio = paired_ratio(long, short)

@@ -156,7 +156,7 @@ class BenchSettings:
     ceiling_mb: int = 512
     growth_small_steps: int = 10_000
     growth_large_steps: int = 10_000_000
-    growth_appends: int = 256
+    growth_appends: int = 1024
     latency_writes: int = 600
     latency_interval_s: float = 0.004
     sample_batches: int = 200

@@ -53,6 +53,12 @@ MAX_STREAM_STEPS = 2**31 - 1
 # Time chunks moved into the arrays per transaction: a transaction holds its data several times
 # over (the log's arrays, tensorstore's chunk buffers, their encoded form) until it commits.
 MATERIALIZE_CHUNKS = 16
+# Time chunks the materializer waits for before a transaction, unless the log's memory budget
+# is pressed or the oldest chunk waited `MATERIALIZE_AFTER_S`: each OCDBT commit has a fixed
+# cost that grows with the database (its B-tree's depth), so fewer, larger commits keep the cost
+# of an append flat as the stream grows.
+MATERIALIZE_MIN_CHUNKS = 8
+MATERIALIZE_AFTER_S = 1.0
 # Bytes of appends one group commit takes (at least one append): the group is copied into one
 # log segment, so it is held twice while it commits.
 GROUP_COMMIT_BYTES = 16 << 20
@@ -109,6 +115,7 @@ class LogBudget:
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
         self.peak_bytes = 0
+        self._waiting = 0  # committers waiting for bytes
         self._changed = threading.Condition(threading.Lock())
 
     def acquire(self, n: int, may_pass: Callable[[], bool]) -> None:
@@ -119,9 +126,20 @@ class LogBudget:
                 and self.used_bytes + n > self.limit_bytes
                 and not may_pass()
             ):
-                self._changed.wait(timeout=1.0)  # may_pass may change without a release
+                self._waiting += 1
+                try:
+                    self._changed.wait(timeout=1.0)  # may_pass may change without a release
+                finally:
+                    self._waiting -= 1
             self.used_bytes += n
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+
+    def pressed(self) -> bool:
+        """Whether a committer waits for bytes, or more than half of the bound is taken."""
+        with self._changed:
+            return self.limit_bytes is not None and (
+                self._waiting > 0 or 2 * self.used_bytes > self.limit_bytes
+            )
 
     def release(self, n: int) -> None:
         """Gives `n` bytes back and wakes the waiting committers."""
@@ -677,19 +695,29 @@ class Stream:
         return held_steps < self._flush_steps or self._materialize_failing
 
     def _materialize_loop(self) -> None:
+        ready_since: float | None = None  # when a whole chunk was first waiting
         while True:
             with self._lock:
-                while (
-                    not self._closed
-                    and not self._ending
-                    and self._lost is None
-                    and self._length - self._materialized < self._flush_steps
-                ):
-                    self._has_chunks.wait()
+                while not self._closed and not self._ending and self._lost is None:
+                    waiting = self._length - self._materialized
+                    if waiting < self._flush_steps:
+                        ready_since = None
+                        self._has_chunks.wait()
+                        continue
+                    now = time.monotonic()
+                    ready_since = now if ready_since is None else ready_since
+                    if (
+                        waiting >= MATERIALIZE_MIN_CHUNKS * self._flush_steps
+                        or now - ready_since >= MATERIALIZE_AFTER_S
+                        or self._log_budget.pressed()
+                    ):
+                        break
+                    self._has_chunks.wait(timeout=0.05)
                 if self._closed or self._ending or self._lost is not None:
                     return
                 stop = self._length - self._length % self._flush_steps
                 stop = min(stop, self._materialized + MATERIALIZE_CHUNKS * self._flush_steps)
+            ready_since = None
             try:
                 failure = self._materialize(stop)
             except Exception as e:  # a bug: keep the thread (the steps are safe in the log)
