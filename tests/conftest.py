@@ -86,6 +86,22 @@ def structure() -> Step:
     return experience(0, 16)
 
 
+def full_buffer(experience: Any) -> Any:
+    """A flashbax state whose full ring holds `experience` (leaves `(B, T, ...)`), on the device."""
+    from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
+
+    return TrajectoryBufferState(
+        experience=jax.tree.map(jnp.asarray, experience),
+        current_index=jnp.array(0),
+        is_full=jnp.array(True),
+    )
+
+
+def concat_time(*trees: Any) -> Any:
+    """Experience pytrees joined along the time axis (axis 1)."""
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *trees)
+
+
 def assert_experience(got: Any, start: int, stop: int) -> None:
     """Checks a pytree (NamedTuple or dict, numpy or jax leaves) against `experience`."""
     want = experience(start, stop)

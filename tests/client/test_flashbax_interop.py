@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
 from flashbax.vault import Vault as FlashbaxVault
 
+from conftest import concat_time, full_buffer
 from expvault import Vault
 
 
@@ -46,18 +45,6 @@ def _nested(seed: int) -> dict[str, Any]:
         "action": rng.integers(-100, 100, (B, T), dtype=np.int8),
         "info": {"step": {"count": rng.integers(0, 2**32, (B, T), dtype=np.uint32)}},
     }
-
-
-def _state(experience: Any) -> TrajectoryBufferState:
-    return TrajectoryBufferState(
-        experience=jax.tree.map(jnp.asarray, experience),
-        current_index=jnp.array(0),
-        is_full=jnp.array(True),
-    )
-
-
-def _concat(*trees: Any) -> Any:
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *trees)
 
 
 def _assert_trees_equal(got: Any, want: Any) -> None:
@@ -99,9 +86,9 @@ def test_flashbax_reads_a_namedtuple_vault_expvault_wrote(
         chunk_steps=8,  # 48 steps: whole chunks and a partial last one
     )
     for part in parts:
-        assert vault.write(_state(part), source_interval=(0, T)) == T
+        assert vault.write(full_buffer(part), source_interval=(0, T)) == T
     vault.close()
-    want = _concat(*parts)
+    want = concat_time(*parts)
 
     theirs = FlashbaxVault("nt", rel_dir=str(tmp_path), vault_uid="u")
     assert theirs.vault_index == 4 * T
@@ -117,8 +104,8 @@ def test_flashbax_reads_a_nested_vault_expvault_wrote(tmp_path: Path) -> None:
     parts = [_nested(seed) for seed in range(3)]
     with Vault("nested", parts[0], rel_dir=str(tmp_path), vault_uid="u", chunk_steps=16) as vault:
         for part in parts:
-            vault.write(_state(part), source_interval=(0, T))
-    want = _concat(*parts)
+            vault.write(full_buffer(part), source_interval=(0, T))
+    want = concat_time(*parts)
     theirs = FlashbaxVault("nested", rel_dir=str(tmp_path), vault_uid="u")
     assert theirs.vault_index == 3 * T
     _assert_trees_equal(theirs.read().experience, want)
@@ -130,18 +117,18 @@ def test_flashbax_reads_everything_after_flush(tmp_path: Path) -> None:
     first, second = _transition(1), _transition(2)
     vault = Vault("flush", first, rel_dir=str(tmp_path), vault_uid="u", chunk_steps=64)
     try:
-        vault.write(_state(first), source_interval=(0, T))
+        vault.write(full_buffer(first), source_interval=(0, T))
         vault.flush()
         # The expvault writer is still open; flashbax sees the flushed steps.
         _assert_trees_equal(
             FlashbaxVault("flush", first, rel_dir=str(tmp_path), vault_uid="u").read().experience,
             first,
         )
-        vault.write(_state(second), source_interval=(0, T))
+        vault.write(full_buffer(second), source_interval=(0, T))
         vault.flush()
         _assert_trees_equal(
             FlashbaxVault("flush", first, rel_dir=str(tmp_path), vault_uid="u").read().experience,
-            _concat(first, second),
+            concat_time(first, second),
         )
     finally:
         vault.close()
@@ -166,9 +153,9 @@ def test_expvault_reads_and_appends_to_a_flashbax_vault(tmp_path: Path, make: An
     written = [make(seed) for seed in range(3)]
     theirs = FlashbaxVault("fbx", written[0], rel_dir=str(tmp_path), vault_uid="u")  # gzip 5
     for part in written:
-        assert theirs.write(_state(part), source_interval=(0, T)) == T
+        assert theirs.write(full_buffer(part), source_interval=(0, T)) == T
     del theirs
-    before = _concat(*written)
+    before = concat_time(*written)
 
     # Opened without a structure: read as flashbax would, a dict.
     with Vault("fbx", rel_dir=str(tmp_path), vault_uid="u") as ours:
@@ -184,17 +171,17 @@ def test_expvault_reads_and_appends_to_a_flashbax_vault(tmp_path: Path, make: An
             jax.tree.map(lambda x: x[:, 18:], before),
         )
         # The first write of a full buffer stores all of it, after the stored steps.
-        assert ours.write(_state(appended[0])) == T
-        assert ours.write(_state(appended[1]), source_interval=(0, T)) == T
+        assert ours.write(full_buffer(appended[0])) == T
+        assert ours.write(full_buffer(appended[1]), source_interval=(0, T)) == T
         assert ours.vault_index == 5 * T
-    after = _concat(before, *appended)
+    after = concat_time(before, *appended)
 
     again = FlashbaxVault("fbx", written[0], rel_dir=str(tmp_path), vault_uid="u")
     assert again.vault_index == 5 * T
     _assert_trees_equal(again.read().experience, after)
     # ... and flashbax can go on writing after expvault.
     extra = make(20)
-    assert again.write(_state(extra), source_interval=(0, T)) == T
+    assert again.write(full_buffer(extra), source_interval=(0, T)) == T
     del again
     with Vault("fbx", rel_dir=str(tmp_path), vault_uid="u") as ours:
-        _assert_trees_equal(ours.read().experience, _as_dict(_concat(after, extra)))
+        _assert_trees_equal(ours.read().experience, _as_dict(concat_time(after, extra)))

@@ -56,6 +56,22 @@ def step_checksums(experience: dict[str, Any]) -> list[int]:
     return out
 
 
+def assert_stored(reader: Any, totals: dict[str, int], out: Path) -> None:
+    """`reader` serves exactly the streams in `totals`, each holding the steps its actor logged.
+
+    Args:
+        reader: a `VaultReader` of vault "v".
+        totals: steps produced per stream (vault_uid).
+        out: the actors' output directory (`steps-UID.npy`: one CRC32 per acknowledged step).
+    """
+    assert reader.streams() == totals
+    for uid, total in totals.items():
+        want = np.load(out / f"steps-{uid}.npy")
+        assert len(want) == total
+        stored = np.array(step_checksums(reader.read(vault_uid=uid)), np.uint32)
+        np.testing.assert_array_equal(stored, want, err_msg=f"{uid}: stored steps")
+
+
 def _actor(args: argparse.Namespace) -> int:
     import flashbax as fbx
     import jax

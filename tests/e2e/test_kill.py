@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fault_procs import step_checksums
+from fault_procs import assert_stored
 
 from conftest import ServerProcess
 from expvault import VaultReader
@@ -213,15 +213,12 @@ def _kill_run(
         phases["caught up"] = time.monotonic() - started
         verified = 0
         with VaultReader(server.target, "v") as reader:
-            assert reader.streams() == totals
-            for uid, total in totals.items():
-                want = np.load(out / f"steps-{uid}.npy")
-                assert len(want) == total
-                stored = np.array(step_checksums(reader.read(vault_uid=uid)), np.uint32)
-                np.testing.assert_array_equal(stored, want, err_msg=f"{uid}: stored steps")
-                seen = np.fromfile(out / f"learner-{uid}.crc", np.uint32)
-                np.testing.assert_array_equal(seen, want, err_msg=f"{uid}: learner's steps")
-                verified += total
+            assert_stored(reader, totals, out)
+        for uid, total in totals.items():
+            want = np.load(out / f"steps-{uid}.npy")
+            seen = np.fromfile(out / f"learner-{uid}.crc", np.uint32)
+            np.testing.assert_array_equal(seen, want, err_msg=f"{uid}: learner's steps")
+            verified += total
         assert server.terminate() == 0
         phases["verified"] = time.monotonic() - started
         print("phases (s since start):", {k: round(v, 1) for k, v in phases.items()})

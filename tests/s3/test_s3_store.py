@@ -14,14 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorstore as ts
-from flashbax.buffers.trajectory_buffer import TrajectoryBufferState
 from flashbax.vault import Vault as FlashbaxVault
 
+from conftest import concat_time, full_buffer
 from expvault import Vault
 from expvault_server._seaweed import SeaweedFS
 
@@ -184,18 +182,6 @@ def _experience(seed: int) -> dict[str, Any]:
     }
 
 
-def _state(experience: Any) -> TrajectoryBufferState:
-    return TrajectoryBufferState(
-        experience=jax.tree.map(jnp.asarray, experience),
-        current_index=jnp.array(0),
-        is_full=jnp.array(True),
-    )
-
-
-def _concat(*trees: Any) -> Any:
-    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=1), *trees)
-
-
 def _assert_bytes_equal(got: Any, want: Any) -> None:
     assert sorted(got) == sorted(want)
     for key in want:
@@ -228,13 +214,13 @@ def test_vault_on_s3_round_trips_in_flashbax_format(
     url = f"s3://{bucket}/vaults"
     with Vault("v", parts[0], rel_dir=url, vault_uid="u", chunk_steps=8) as vault:
         for part in parts[:3]:
-            assert vault.write(_state(part), source_interval=(0, T)) == T
-    want = _concat(*parts[:3])
+            assert vault.write(full_buffer(part), source_interval=(0, T)) == T
+    want = concat_time(*parts[:3])
     with Vault("v", rel_dir=url, vault_uid="u") as again:  # another process would see the same
         assert again.vault_index == 3 * T
         _assert_bytes_equal(again.read().experience, want)
-        assert again.write(_state(parts[3]), source_interval=(0, T)) == T
-    want = _concat(want, parts[3])
+        assert again.write(full_buffer(parts[3]), source_interval=(0, T)) == T
+    want = concat_time(want, parts[3])
 
     # The objects are a flashbax vault: copied to a directory, flashbax reads them.
     assert _download(seaweed, bucket, "vaults/", tmp_path / "copy") > 0
@@ -251,9 +237,9 @@ def test_vault_on_s3_reads_a_vault_flashbax_wrote(
     parts = [_experience(seed) for seed in (7, 8)]
     theirs = FlashbaxVault("fbx", parts[0], rel_dir=str(tmp_path / "fbx"), vault_uid="u")
     for part in parts:
-        assert theirs.write(_state(part), source_interval=(0, T)) == T
+        assert theirs.write(full_buffer(part), source_interval=(0, T)) == T
     del theirs
     _upload(seaweed, bucket, "published/", tmp_path / "fbx")  # a dataset put on object storage
     with Vault("fbx", rel_dir=f"s3://{bucket}/published", vault_uid="u") as ours:
         assert ours.vault_index == 2 * T
-        _assert_bytes_equal(ours.read().experience, _concat(*parts))
+        _assert_bytes_equal(ours.read().experience, concat_time(*parts))
