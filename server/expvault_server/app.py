@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,8 @@ from expvault_server.config import ServerConfig, parse_listen
 from expvault_server.service import VaultServicer
 
 logger = logging.getLogger(__name__)
+
+STORAGE_WORKERS = 32  # threads for blocking storage calls (asyncio's default: CPUs + 4)
 
 __all__ = ["SERVICE_NAME", "VaultServer", "exposure_warning", "serve"]
 
@@ -89,6 +92,12 @@ class VaultServer:
             InvalidArgumentError: the token file or a TLS file cannot be read or is malformed.
         """
         config = self.config
+        # Storage calls run in worker threads and block: fsync, object-store round trips, and
+        # taking over a stream's lease (up to --lease-s). Enough workers that slow ones (a
+        # failover of many streams) do not hold up every read and append behind them.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=STORAGE_WORKERS, thread_name_prefix="expvault-storage")
+        )
         # Settings that read files fail here, before anything listens.
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.token_file is not None:
