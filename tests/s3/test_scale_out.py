@@ -175,3 +175,68 @@ def test_the_scale_out_benchmark_reports_every_case(seaweed: SeaweedFS, tmp_path
     assert results[0].metrics["vs_local"] == (1.0, 1.0, 1.0)
     assert any("run 1/1" in line for line in lines)
     assert not list(tmp_path.iterdir())  # the run's data is gone
+
+
+@pytest.mark.slow
+def test_repeated_server_kills_on_s3_lose_nothing(
+    seaweed: SeaweedFS,
+    bucket: str,
+    spawn_server: Callable[..., ServerProcess],
+    tmp_path: Path,
+) -> None:
+    """The soak of the scenario above: 8 rounds, each killing the server that holds the most
+    leases and restarting it on its port (so the actors' target list stays valid)."""
+    root = f"s3://{bucket}/vaults"
+    flags = ("--lease-s", str(LEASE_S))
+    servers = [spawn_server(root, 0, *flags) for _ in range(2)]
+    target = ",".join(s.target for s in servers)
+    out = tmp_path / "out"
+    out.mkdir()
+    uids = [f"actor-{i}" for i in range(ACTORS)]
+    actors = [
+        _Proc(
+            tmp_path / f"{uid}.log",
+            *("actor", target, "v", uid, str(out)),
+            *("--seed", str(20261126 + i), "--sleep-s", "0.02"),
+        )
+        for i, uid in enumerate(uids)
+    ]
+    try:
+        _wait_for(
+            "every actor's first ack", lambda: all(a.last_ack() > 0 for a in actors), 90, actors
+        )
+        for _ in range(8):
+            holders = _lease_holders(seaweed, bucket, uids)
+            index = max(
+                range(2),
+                key=lambda i: sum(pid == servers[i].process.pid for pid in holders.values()),
+            )
+            acked = {uid: a.last_ack() for uid, a in zip(uids, actors, strict=True)}
+            port = servers[index].target.rsplit(":", 1)[1]
+            servers[index].kill()
+            servers[index] = spawn_server(root, int(port), *flags)
+            _wait_for(
+                "acks after the kill from every actor",
+                lambda acked=acked: all(
+                    a.last_ack() > acked[u] + 50 for u, a in zip(uids, actors, strict=True)
+                ),
+                60,
+                actors,
+            )
+        (out / "stop").touch()
+        _wait_for("actors to finish", lambda: all(a.done is not None for a in actors), 60, actors)
+        totals = {}
+        for uid, a in zip(uids, actors, strict=True):
+            assert a.close(wait_s=30) == 0, a.stderr()
+            assert a.done is not None
+            produced, committed = a.done
+            assert committed == produced, f"{uid}: produced {produced}, committed {committed}"
+            totals[uid] = produced
+        for server in servers:  # every server serves every stream, whoever wrote it
+            with VaultReader(server.target, "v") as reader:
+                assert_stored(reader, totals, out)
+        print(f"8 kills survived; {sum(totals.values())} steps verified on both servers")
+    finally:
+        (out / "stop").touch()
+        for a in actors:
+            a.close()
