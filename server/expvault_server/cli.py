@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from expvault._rpc import channel_options, error_from_rpc, open_channel, tls_credentials
-from expvault.errors import ExpvaultError
+from expvault.errors import ExpvaultError, InvalidArgumentError
 from expvault.v1 import vault_pb2, vault_pb2_grpc
 from expvault_server.config import ServerConfig
 
@@ -109,8 +109,14 @@ def client_channel(
         options: channel options; default `channel_options()`.
 
     Raises:
-        InvalidArgumentError: a TLS file cannot be read, or a client certificate without its key.
+        InvalidArgumentError: several servers, a TLS file that cannot be read, or a client
+            certificate without its key.
     """
+    if "," in args.target:
+        raise InvalidArgumentError(
+            f"--target {args.target!r}: this command talks to one server; give one HOST:PORT "
+            "(any server of a shared store answers for all of it)"
+        )
     options = list(channel_options() if options is None else options)
     credentials = None
     if args.tls_ca or args.tls_client_cert or args.tls_client_key:

@@ -141,3 +141,8 @@ def test_serve_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
 def test_client_commands_report_an_absent_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["ls", "--target", "127.0.0.1:1", "--timeout-s", "2"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_client_commands_take_one_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ls", "--target", "127.0.0.1:1,127.0.0.1:2"]) == 1
+    assert "talks to one server" in capsys.readouterr().err
