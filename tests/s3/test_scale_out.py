@@ -60,6 +60,48 @@ def _streams(target: str) -> dict[str, int]:
         return reader.streams()
 
 
+def _start_actors(target: str, tmp_path: Path, seed: int) -> tuple[list[str], list[Any], Path]:
+    """The actor processes, one stream each, writing through `target` until `out/stop` exists.
+
+    Returns:
+        The streams' uids, the processes (after each one's first ack), their output directory.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    uids = [f"actor-{i}" for i in range(ACTORS)]
+    actors = [
+        _Proc(
+            tmp_path / f"{uid}.log",
+            *("actor", target, "v", uid, str(out)),
+            *("--seed", str(seed + i), "--sleep-s", "0.02"),
+        )
+        for i, uid in enumerate(uids)
+    ]
+    try:
+        _wait_for(
+            "every actor's first ack", lambda: all(a.last_ack() > 0 for a in actors), 90, actors
+        )
+    except BaseException:
+        for a in actors:
+            a.close()
+        raise
+    return uids, actors, out
+
+
+def _finish(uids: list[str], actors: list[Any], out: Path) -> dict[str, int]:
+    """Stops the actors; returns the steps each produced, all of which it had acknowledged."""
+    (out / "stop").touch()
+    _wait_for("actors to finish", lambda: all(a.done is not None for a in actors), 60, actors)
+    totals = {}
+    for uid, a in zip(uids, actors, strict=True):
+        assert a.close(wait_s=30) == 0, a.stderr()
+        assert a.done is not None
+        produced, committed = a.done
+        assert committed == produced, f"{uid}: produced {produced}, committed {committed}"
+        totals[uid] = produced
+    return totals
+
+
 def test_two_servers_on_one_bucket_fail_over_and_lose_nothing(
     seaweed: SeaweedFS,
     bucket: str,
@@ -69,22 +111,8 @@ def test_two_servers_on_one_bucket_fail_over_and_lose_nothing(
     started = time.monotonic()
     root = f"s3://{bucket}/vaults"
     servers = [spawn_server(root, 0, "--lease-s", str(LEASE_S)) for _ in range(2)]
-    target = ",".join(s.target for s in servers)
-    out = tmp_path / "out"
-    out.mkdir()
-    uids = [f"actor-{i}" for i in range(ACTORS)]
-    actors = [
-        _Proc(
-            tmp_path / f"{uid}.log",
-            *("actor", target, "v", uid, str(out)),
-            *("--seed", str(20261125 + i), "--sleep-s", "0.02"),
-        )
-        for i, uid in enumerate(uids)
-    ]
+    uids, actors, out = _start_actors(",".join(s.target for s in servers), tmp_path, 20261125)
     try:
-        _wait_for(
-            "every actor's first ack", lambda: all(a.last_ack() > 0 for a in actors), 90, actors
-        )
         holders = _lease_holders(seaweed, bucket, uids)
         assert sorted(holders) == uids, f"streams without a lease holder: {holders}"
         by_server = {
@@ -118,16 +146,8 @@ def test_two_servers_on_one_bucket_fail_over_and_lose_nothing(
         failover_s = time.monotonic() - killed_at
         assert _lease_holders(seaweed, bucket, uids) == dict.fromkeys(uids, survivor.process.pid)
 
-        (out / "stop").touch()
-        _wait_for("actors to finish", lambda: all(a.done is not None for a in actors), 60, actors)
-        totals = {}
-        for uid, a in zip(uids, actors, strict=True):
-            assert a.close(wait_s=30) == 0, a.stderr()
-            assert a.done is not None
-            produced, committed = a.done
-            assert committed == produced, f"{uid}: produced {produced}, committed {committed}"
-            assert produced >= acked[uid]
-            totals[uid] = produced
+        totals = _finish(uids, actors, out)
+        assert all(totals[uid] >= n for uid, n in acked.items())
 
         with VaultReader(survivor.target, "v") as reader:
             assert_stored(reader, totals, out)
@@ -189,22 +209,8 @@ def test_repeated_server_kills_on_s3_lose_nothing(
     root = f"s3://{bucket}/vaults"
     flags = ("--lease-s", str(LEASE_S))
     servers = [spawn_server(root, 0, *flags) for _ in range(2)]
-    target = ",".join(s.target for s in servers)
-    out = tmp_path / "out"
-    out.mkdir()
-    uids = [f"actor-{i}" for i in range(ACTORS)]
-    actors = [
-        _Proc(
-            tmp_path / f"{uid}.log",
-            *("actor", target, "v", uid, str(out)),
-            *("--seed", str(20261126 + i), "--sleep-s", "0.02"),
-        )
-        for i, uid in enumerate(uids)
-    ]
+    uids, actors, out = _start_actors(",".join(s.target for s in servers), tmp_path, 20261126)
     try:
-        _wait_for(
-            "every actor's first ack", lambda: all(a.last_ack() > 0 for a in actors), 90, actors
-        )
         for _ in range(8):
             holders = _lease_holders(seaweed, bucket, uids)
             index = max(
@@ -223,15 +229,7 @@ def test_repeated_server_kills_on_s3_lose_nothing(
                 60,
                 actors,
             )
-        (out / "stop").touch()
-        _wait_for("actors to finish", lambda: all(a.done is not None for a in actors), 60, actors)
-        totals = {}
-        for uid, a in zip(uids, actors, strict=True):
-            assert a.close(wait_s=30) == 0, a.stderr()
-            assert a.done is not None
-            produced, committed = a.done
-            assert committed == produced, f"{uid}: produced {produced}, committed {committed}"
-            totals[uid] = produced
+        totals = _finish(uids, actors, out)
         for server in servers:  # every server serves every stream, whoever wrote it
             with VaultReader(server.target, "v") as reader:
                 assert_stored(reader, totals, out)
