@@ -311,11 +311,7 @@ class KvLocation(Location):
         return self.spec.get("driver") != "memory"
 
     def _read(self, key: str) -> bytes | None:
-        try:
-            result = self._kv.read(key).result()
-        except ValueError as e:
-            raise self.error(f"cannot read {self.describe(key)}", e) from e
-        return None if result.state == "missing" else bytes(result.value)
+        return self.read_with_generation(key)[0]
 
     def read_with_generation(self, key: str) -> tuple[bytes | None, bytes]:
         """A key's value (None: missing) and its generation, for a later conditional write."""
@@ -363,10 +359,10 @@ class KvLocation(Location):
         return bool(stamp.generation) or not create_only
 
     def _list(self, prefix: str) -> list[str]:
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else ""
-        key_range = ts.KvStore.KeyRange(prefix, end) if prefix else ts.KvStore.KeyRange()
         try:
-            keys = self._kv.list(key_range, strip_prefix_length=len(prefix.encode())).result()
+            keys = self._kv.list(
+                _prefix_range(prefix), strip_prefix_length=len(prefix.encode())
+            ).result()
         except ValueError as e:
             raise self.error(f"cannot list {self.describe(prefix)}", e) from e
         return [k.decode() for k in keys]
@@ -406,10 +402,8 @@ class KvLocation(Location):
 
     @override
     def delete_tree(self, key: str) -> None:
-        prefix = f"{key}/"
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         try:
-            self._kv.delete_range(ts.KvStore.KeyRange(prefix, end)).result()
+            self._kv.delete_range(_prefix_range(f"{key}/")).result()
         except ValueError as e:
             raise self.error(f"cannot delete {self.describe(key)}", e) from e
 
@@ -419,6 +413,13 @@ class KvLocation(Location):
         if "RESOURCE_EXHAUSTED" in text or "quota" in text.lower():
             return ResourceExhaustedError(f"{action}: the store {self.url} is full: {text}")
         return StorageError(f"{action}: {text}")
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """The keys that start with `prefix` (all keys for "")."""
+    if not prefix:
+        return ts.KvStore.KeyRange()
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
 
 
 def open_location(

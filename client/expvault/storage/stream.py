@@ -237,13 +237,13 @@ class Stream:
             return Lease.read_fences(self._location, self.key)
         return ()
 
-    def _chain(self, materialized: int, fences: Fences) -> list[SegmentName]:
-        """The log segments that continue the arrays' `materialized` steps, in order."""
+    def _chain(
+        self, materialized: int, fences: Fences, names: Sequence[SegmentName]
+    ) -> list[SegmentName]:
+        """Of the log segments `names`, those that continue the arrays' `materialized` steps."""
         chain: list[SegmentName] = []
         end = materialized
-        for name in sorted(
-            self._location.segments(self.key), key=lambda n: (n.start, n.stop, n.epoch)
-        ):
+        for name in sorted(names, key=lambda n: (n.start, n.stop, n.epoch)):
             if name.stop <= end or not segment_valid(name.epoch, name.stop, fences):
                 continue
             if name.start > end:
@@ -257,7 +257,7 @@ class Stream:
     def _stored_length(self, fences: Fences) -> int:
         """The committed length as stored now (index and log names; reads no segment)."""
         materialized = int(self._index.read().result()[0])
-        chain = self._chain(materialized, fences)
+        chain = self._chain(materialized, fences, self._location.segments(self.key))
         return chain[-1].stop if chain else materialized
 
     def _load(self, *, writer: bool) -> None:
@@ -272,7 +272,8 @@ class Stream:
         fences = self._fences()
         for attempt in range(3):
             materialized = int(self._index.read().result()[0])
-            chain = self._chain(materialized, fences)
+            names = self._location.segments(self.key)
+            chain = self._chain(materialized, fences, names)
             segments: list[files.Segment] = []
             loaded: dict[SegmentName, files.Segment] = {}
             end = materialized
@@ -298,7 +299,7 @@ class Stream:
                 continue
             break
         if writer:
-            for name in self._location.segments(self.key):
+            for name in names:
                 if name not in loaded:  # materialized, a duplicate, or fenced off
                     self._location.remove_segment(self.key, name)
             self._location.remove_temporary(self.key)
