@@ -9,10 +9,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 from flashbax.vault import Vault as FlashbaxVault
 
 from conftest import concat_time, full_buffer
 from expvault import Vault
+from expvault.storage import Store
 
 
 class Transition(NamedTuple):
@@ -111,6 +113,39 @@ def test_flashbax_reads_a_nested_vault_expvault_wrote(tmp_path: Path) -> None:
     _assert_trees_equal(theirs.read().experience, want)
     typed = FlashbaxVault("nested", parts[0], rel_dir=str(tmp_path), vault_uid="u")
     _assert_trees_equal(typed.read().experience, want)
+
+
+def test_wide_leaves_are_stored_in_chunks_of_few_rows_that_flashbax_reads(
+    tmp_path: Path,
+) -> None:
+    # 64 steps per time chunk: obs rows of 64 x 1 KiB -> 1 row per chunk (>= 64 KiB), the
+    # 256 B reward rows -> 256 rows, capped at B = 8: one chunk of the whole batch.
+    rng = np.random.default_rng(3)
+    data = {
+        "obs": rng.standard_normal((8, 300, 256)).astype(np.float32),
+        "reward": rng.standard_normal((8, 300)).astype(np.float32),
+    }
+    with Vault("wide", data, rel_dir=str(tmp_path), vault_uid="u", chunk_steps=64) as vault:
+        vault.write(full_buffer(data), source_interval=(0, 300))
+
+    def chunk(leaf: str) -> list[int]:
+        kvstore = {"driver": "ocdbt", "base": f"file://{tmp_path}/wide/u", "path": leaf}
+        array = ts.open({"driver": "zarr", "kvstore": kvstore}).result()
+        return list(array.chunk_layout.read_chunk.shape)
+
+    assert chunk("obs.") == [1, 64, 256]
+    assert chunk("reward.") == [8, 64]
+    store = Store(tmp_path)
+    try:  # windows of single rows, across chunk boundaries, as Sample reads them
+        windows = [(7, 0), (3, 60), (0, 236), (5, 100)]
+        obs, reward = store.open_stream("wide", "u").read_windows(windows, 64)
+        for k, (row, start) in enumerate(windows):
+            assert obs[k].tobytes() == data["obs"][row, start : start + 64].tobytes()
+            assert reward[k].tobytes() == data["reward"][row, start : start + 64].tobytes()
+    finally:
+        store.close()
+    theirs = FlashbaxVault("wide", rel_dir=str(tmp_path), vault_uid="u")
+    _assert_trees_equal(theirs.read().experience, data)
 
 
 def test_flashbax_reads_everything_after_flush(tmp_path: Path) -> None:

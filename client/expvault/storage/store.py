@@ -47,6 +47,10 @@ TIME_AXIS_MAX_LENGTH = int(10e12)  # flashbax's declared time axis; the real len
 _FLASHBAX_KEYS = ("version", "structure_shape", "structure_dtype")
 _EXPVAULT_KEY = "expvault"
 _TARGET_CHUNK_BYTES = 1 << 20
+# A stored chunk holds whole time chunks of as few batch rows as keep it at least this big: a
+# window of one row (a sample) then decodes little besides itself, and small leaves keep chunks
+# of the whole batch.
+_MIN_CHUNK_BYTES = 64 << 10
 _OCDBT_CONFIG = {"max_decoded_node_bytes": 65536}  # keeps per-commit cost flat as data grows
 _OCDBT_MANIFEST = "manifest.ocdbt"
 
@@ -91,6 +95,12 @@ def default_chunk_steps(schema: Schema) -> int:
     widest = max(schema.batch_size * leaf.step_bytes for leaf in schema.leaves) or 1
     steps = 2 ** int(math.log2(max(1, _TARGET_CHUNK_BYTES // widest)))
     return int(min(max(steps, 16), 65536))
+
+
+def _chunk_rows(batch_size: int, chunk_steps: int, row_step_bytes: int) -> int:
+    """Batch rows per stored chunk of a leaf: the fewest (power of two, <= B) of 64 KiB or more."""
+    rows = -(-_MIN_CHUNK_BYTES // max(1, chunk_steps * row_step_bytes))
+    return min(batch_size, 1 << (rows - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -423,7 +433,11 @@ class Store:
                         create=True,
                         metadata={
                             "compressor": vault.compression,
-                            "chunks": [batch, vault.chunk_steps, *leaf.step_shape],
+                            "chunks": [
+                                _chunk_rows(batch, vault.chunk_steps, leaf.step_bytes),
+                                vault.chunk_steps,
+                                *leaf.step_shape,
+                            ],
                         },
                     ),
                     create=True,
