@@ -89,11 +89,11 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     max_message_bytes: int = 64 << 20
     message_bytes: int = 1 << 20
-    max_inflight_bytes_per_stream: int = 64 << 20
-    max_inflight_bytes: int = 512 << 20
+    max_inflight_bytes_per_stream: int = 16 << 20
+    max_inflight_bytes: int = 128 << 20
     max_read_buffer_bytes: int = 128 << 20
-    max_log_bytes: int = 128 << 20
-    cache_bytes: int = 256 << 20
+    max_log_bytes: int = 64 << 20
+    cache_bytes: int = 128 << 20
     max_vaults: int = 1000
     max_streams_per_vault: int = 10000
     max_leaves: int = 1024
