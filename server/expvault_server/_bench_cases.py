@@ -46,9 +46,9 @@ def total_steps(settings: BenchSettings) -> int:
     """Progress steps of a run: one per repetition of each case, plus set-up steps."""
     runs = settings.repeats + 1
     growth = -(-settings.growth_large_steps // _GROWTH_BIG_APPEND)
-    # disk, grpc, 3 local writers, actors, 1 actor, latency, read, sample, growth (both
-    # streams); the read vault's set-up; growing the long stream
-    return runs * 11 + 1 + growth
+    # disk, grpc, 3 local writers, actors, 1 actor, latency (shared and pinned server), read,
+    # sample, growth (both streams); the read vault's set-up; growing the long stream
+    return runs * 12 + 1 + growth
 
 
 def run_all(settings: BenchSettings, work: Path, progress: Progress) -> list[Result]:
@@ -249,10 +249,19 @@ def _local_writes(settings: BenchSettings, work: Path, progress: Progress) -> di
 
 
 @contextlib.contextmanager
-def _server(root: Path) -> Iterator[tuple[str, int]]:
-    """`expvault serve` as a subprocess on a free loopback port; yields `(target, pid)`."""
+def _server(root: Path, cpu: int | None = None) -> Iterator[tuple[str, int]]:
+    """`expvault serve` as a subprocess on a free loopback port; yields `(target, pid)`.
+
+    With `cpu`, every thread of the server is confined to that CPU once it listens (threads it
+    starts later inherit it), as `taskset -c CPU expvault serve` would.
+    """
     server = ServeProcess(root)
     try:
+        if cpu is not None:
+            pid = server.process.pid
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                    os.sched_setaffinity(int(tid), {cpu})
         yield server.target, server.process.pid
     finally:
         server.stop()
@@ -302,7 +311,11 @@ def _remote_cases(
             latency = _latency_case(settings, target, progress)
             read = _read_case(settings, target, root, read_steps, progress, receive)
             sample = _sample_case(settings, target, read_steps, progress)
-    return [one, *many, latency, read, sample]
+        # The same latency with the server on a core of its own, as on a host of its own.
+        cpu = max(os.sched_getaffinity(0))
+        with _server(work / "pinned", cpu=cpu) as (target, _):
+            pinned = _latency_case(settings, target, progress, server_cpu=cpu)
+    return [one, *many, latency, pinned, read, sample]
 
 
 def _one_actor_case(
@@ -397,7 +410,12 @@ def write_latency(
     return np.asarray(wall), np.asarray(cpu), committed
 
 
-def _latency_case(settings: BenchSettings, target: str, progress: Progress) -> Result:
+def _latency_case(
+    settings: BenchSettings, target: str, progress: Progress, server_cpu: int | None = None
+) -> Result:
+    """`write(wait=False)` latency; `server_cpu`: the server was confined to that CPU."""
+    where = "" if server_cpu is None else f", server pinned to CPU {server_cpu}"
+    title = "RemoteVault.write(state, wait=False) latency (wall; cpu_ = the caller's CPU time)"
     samples = []
     for run in range(settings.repeats + 1):
         wall, cpu, _ = write_latency(
@@ -419,19 +437,22 @@ def _latency_case(settings: BenchSettings, target: str, progress: Progress) -> R
                     "cpu_p99_ms": float(cpu99),
                 }
             )
-        progress.step(f"write(wait=False) latency, run {run}/{settings.repeats}")
+        progress.step(f"write(wait=False) latency{where}, run {run}/{settings.repeats}")
     metrics = summarise(samples)
+    info: dict[str, Any] = {
+        "writes_per_run": settings.latency_writes,
+        "interval_ms": settings.latency_interval_s * 1e3,
+    }
+    if server_cpu is not None:
+        info |= {"server_cpu": server_cpu, "cpus": len(os.sched_getaffinity(0))}
     return Result(
-        "write.nowait_latency",
-        "RemoteVault.write(state, wait=False) latency (wall; cpu_ = the caller's CPU time)",
+        "write.nowait_latency" + ("" if server_cpu is None else "_server_pinned"),
+        title + where,
         settings.repeats,
         metrics,
         target="p99 < 1 ms",
         ok=metrics["p99_ms"][0] < 1,
-        info={
-            "writes_per_run": settings.latency_writes,
-            "interval_ms": settings.latency_interval_s * 1e3,
-        },
+        info=info,
     )
 
 

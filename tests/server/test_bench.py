@@ -3,12 +3,14 @@ not speed: a shared 2-core machine measures its other tenants)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from expvault_server._bench_cases import _server
 from expvault_server.bench import BenchSettings, Progress, Result, summarise
 
 CASES = {
@@ -22,6 +24,13 @@ CASES = {
     "write.remote_actors": ["mb_per_s", "ceiling_mb_per_s", "vs_ceiling"],
     "server.rss": ["rss_peak_mb", "rss_before_mb", "streamed_mb"],
     "write.nowait_latency": ["p50_ms", "p99_ms", "max_ms", "cpu_p50_ms", "cpu_p99_ms"],
+    "write.nowait_latency_server_pinned": [
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "cpu_p50_ms",
+        "cpu_p99_ms",
+    ],
     "read.remote_full": [
         "mb_per_s",
         "flashbax_mb_per_s",
@@ -77,6 +86,8 @@ def test_quick_json_prints_every_case_with_its_metrics(tmp_path: Path) -> None:
     assert by_case["write.remote_actors"]["actors"] == 2
     assert by_case["append.growth"]["long_us_per_step"] > 0
     assert by_case["read.remote_full"]["vault_mb"] > 0
+    pinned = by_case["write.nowait_latency_server_pinned"]
+    assert pinned["server_cpu"] in os.sched_getaffinity(0)
     # Progress goes to stderr, one line per step when it is not a terminal.
     assert "expvault bench [" in result.stderr
     assert list(tmp_path.iterdir()) == []  # the run removed its data
@@ -125,3 +136,11 @@ def test_bench_flags_are_checked() -> None:
     assert result.returncode == 2
     assert "--repeats must be >= 1" in result.stderr
     assert BenchSettings.quick().read_mb < BenchSettings().read_mb
+
+
+def test_a_pinned_bench_server_runs_every_thread_on_its_cpu(tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    with _server(tmp_path, cpu=cpu) as (_, pid):
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) > 1
+        assert all(os.sched_getaffinity(int(tid)) == {cpu} for tid in threads)
