@@ -1,12 +1,14 @@
 """A stream writer process for the crash and writer-lock tests, and the data it writes.
 
     python stream_writer.py ROOT VAULT UID [--seed S] [--chunk-steps N] [--inflight K] [--stop N]
+        [--log-file-bytes N]
 
 It opens (creating when missing) stream VAULT/UID under ROOT, prints `start <committed length>`,
 then appends deterministic steps (`expected(start, stop)`) in pieces of random sizes, keeping up
 to K appends in flight, and prints `ack <committed offset>` (flushed) after each acknowledged
 append. With `--stop N` it stops after N steps, closes the stream and prints `closed <length>`;
-without, it runs until killed.
+without, it runs until killed. `--log-file-bytes` sets the size at which the write-ahead log moves
+on to its next file (small: many files, each used again many times).
 """
 
 from __future__ import annotations
@@ -55,10 +57,15 @@ def main() -> None:
     parser.add_argument("--chunk-steps", type=int, default=16)
     parser.add_argument("--inflight", type=int, default=3)
     parser.add_argument("--stop", type=int, default=None)
+    parser.add_argument("--log-file-bytes", type=int, default=None)
     args = parser.parse_args()
 
     from expvault.schema import Schema
-    from expvault.storage import Store
+    from expvault.storage import Store, logfiles
+
+    if args.log_file_bytes is not None:
+        logfiles.LOG_FILE_MIN_BYTES = args.log_file_bytes
+        logfiles.RECORDS_PER_FILE = 1
 
     store = Store(args.root)
     schema = Schema.from_experience(experience_structure())

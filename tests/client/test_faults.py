@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import Actor, ServerThread, assert_experience, experience, structure
+from conftest import BATCH, OBS, Actor, ServerThread, assert_experience, experience, structure
 from expvault import (
     RemoteVault,
     ResourceExhaustedError,
@@ -40,6 +40,7 @@ from expvault_server.cli import main as cli
 
 PROCS = Path(__file__).parents[1] / "e2e" / "fault_procs.py"
 PAGE = 4096
+STEP_BYTES = BATCH * (OBS[0] * 4 + 4 + 4)  # obs float32, action int32, reward float32
 
 
 # -- a small disk ---------------------------------------------------------------------------------
@@ -94,11 +95,12 @@ def test_disk_full_fails_only_what_is_not_durable_and_recovers(small_disk: Path)
     stream = store.open_stream("v", "a", create=True)
     assert stream.append(0, _exact(0, 7)) == 7  # in the log: the chunk is not full yet
     filler = _fill(small_disk, leave_pages=1)
-    # The log takes the next append (one page); moving the full chunk into the arrays needs
-    # more and fails in the background, where it is retried.
+    # The log takes the next append (within its file's last page and the page left); moving the
+    # full chunk into the arrays needs more and fails in the background, where it is retried.
     assert stream.append(7, _exact(7, 9)) == 9
+    stop = 9 + 3 * PAGE // STEP_BYTES  # three pages of steps: more than the disk has left
     with pytest.raises(ResourceExhaustedError) as full:
-        stream.append(9, _exact(9, 12))
+        stream.append(9, _exact(9, stop))
     message = str(full.value)
     assert str(root) in message
     assert "full" in message
@@ -114,14 +116,14 @@ def test_disk_full_fails_only_what_is_not_durable_and_recovers(small_disk: Path)
     while stream.materialized < 8:
         assert time.monotonic() < deadline, "the materializer did not retry"
         time.sleep(0.05)
-    assert stream.append(9, _exact(9, 12)) == 12
+    assert stream.append(9, _exact(9, stop)) == stop
     store.close()
     reopened = Store(root)
     try:
         again = reopened.open_stream("v", "a")
-        assert (again.length, again.materialized) == (12, 12)
+        assert (again.length, again.materialized) == (stop, stop)
         assert_experience(
-            dict(zip(["action", "obs", "reward"], again.read(0, 12), strict=True)), 0, 12
+            dict(zip(["action", "obs", "reward"], again.read(0, stop), strict=True)), 0, stop
         )
     finally:
         reopened.close()
@@ -135,21 +137,31 @@ def test_disk_full_over_grpc_raises_resource_exhausted_and_loses_nothing(
     vault = RemoteVault(server.target, "v", structure(), vault_uid="a", compression="none")
     assert vault.write(actor.add(16)) == 16
     filler = _fill(small_disk)
-    with pytest.raises(ResourceExhaustedError, match="full") as full:
-        vault.write(actor.add(8))
-    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert str(small_disk / "root") in str(full.value)
+    # Writes go on while they fit in the last page of the log's file, then fail.
+    acked = 16
+    full: ResourceExhaustedError | None = None
+    for _ in range(PAGE // (8 * STEP_BYTES) + 2):
+        try:
+            assert vault.write(actor.add(8)) == 8
+        except ResourceExhaustedError as e:
+            full = e
+            break
+        acked += 8
+    assert full is not None, "no write failed on the full disk"
+    assert full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "full" in str(full)
+    assert str(small_disk / "root") in str(full)
     # Committed steps stay readable; other readers see only them.
     with VaultReader(server.target, "v", structure()) as reader:
-        assert reader.streams() == {"a": 16}
-        assert_experience(reader.read(vault_uid="a"), 0, 16)
+        assert reader.streams() == {"a": acked}
+        assert_experience(reader.read(vault_uid="a"), 0, acked)
     filler.unlink()
     # The queued steps were kept: the next call sends them, once each.
     assert vault.write(actor.add(8)) == 8
-    assert vault.flush() == 32
+    assert vault.flush() == acked + 16
     vault.close()
     with VaultReader(server.target, "v", structure()) as reader:
-        assert_experience(reader.read(vault_uid="a"), 0, 32)
+        assert_experience(reader.read(vault_uid="a"), 0, acked + 16)
 
 
 # -- damaged files --------------------------------------------------------------------------------

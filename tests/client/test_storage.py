@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import Store, Stream, default_chunk_steps, resolve_compression
+from expvault.storage.logfiles import LogFiles
 
 WRITER = Path(__file__).with_name("stream_writer.py")
 SCHEMA = Schema.from_experience(experience_structure())
@@ -53,8 +53,10 @@ def _stream(
 
 
 def _wal_files(stream: Stream) -> list[str]:
-    wal = stream.path / "wal"
-    return sorted(f for f in os.listdir(wal) if f.endswith(".seg")) if wal.exists() else []
+    """The log's segments on disk that hold steps not yet in the arrays, as a reader in another
+    process finds them (a log file keeps materialized records until it is used again)."""
+    found = LogFiles(stream.path.parent.parent).segments(stream.key)
+    return sorted(n.name for n in found if n.stop > stream.materialized)
 
 
 def _assert_equal(got: list[np.ndarray[Any, Any]], want: list[np.ndarray[Any, Any]]) -> None:

@@ -35,6 +35,7 @@ WAL_DIR = "wal"
 _WAL_MAGIC = b"EXVW"
 _WAL_VERSION = 1
 _WAL_HEADER = struct.Struct("<4sIQQI")  # magic, version, start, num_steps, num_leaves
+_SEGMENT_NAME = re.compile(r"(\d{20})-(\d{20})(?:-(\d{1,19}))?\.seg")
 LOCK_FILE = "expvault.lock"
 
 
@@ -184,6 +185,29 @@ class Segment:
         return self.start + self.num_steps
 
 
+@dataclass(frozen=True)
+class SegmentName:
+    """A write-ahead log segment: steps `[start, stop)` written by the writer of `epoch`."""
+
+    start: int
+    stop: int
+    epoch: int
+
+    @property
+    def name(self) -> str:
+        """The segment's name: its object's, or its file's in a directory of earlier versions."""
+        suffix = f"-{self.epoch}" if self.epoch else ""
+        return f"{self.start:020d}-{self.stop:020d}{suffix}.seg"
+
+    @staticmethod
+    def parse(name: str) -> SegmentName | None:
+        """The segment a name stands for; None for anything else (temporary files)."""
+        m = _SEGMENT_NAME.fullmatch(name)
+        if m is None:
+            return None
+        return SegmentName(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
+
+
 def encode_segment(segment: Segment) -> list[bytes | memoryview]:
     """A log segment as the byte chunks of its file: header, each leaf's bytes, CRC32."""
     views = [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in segment.arrays]
@@ -230,6 +254,42 @@ def decode_segment(
     except (ValueError, struct.error) as e:
         raise StorageError(f"write-ahead log segment {where} is damaged: {e}") from e
     return Segment(start, tuple(arrays))
+
+
+SEGMENT_HEAD_BYTES = _WAL_HEADER.size  # enough to tell a segment's header size
+
+
+def segment_header_size(head: bytes) -> int | None:
+    """Bytes of the header of the segment whose first `SEGMENT_HEAD_BYTES` are `head`.
+
+    Returns:
+        The header's size (leaf sizes included), or None when `head` does not begin a segment.
+    """
+    if len(head) < _WAL_HEADER.size:
+        return None
+    magic, version, _, _, nleaves = _WAL_HEADER.unpack_from(head)
+    if magic != _WAL_MAGIC or version != _WAL_VERSION:
+        return None
+    return int(_WAL_HEADER.size + 8 * nleaves)
+
+
+def segment_extent(header: bytes) -> tuple[int, int, int]:
+    """`(start, num_steps, size in bytes)` of a segment, from its whole header.
+
+    Args:
+        header: the segment's first `segment_header_size` bytes (or more).
+    """
+    _, _, start, steps, nleaves = _WAL_HEADER.unpack_from(header)
+    sizes = struct.unpack_from(f"<{nleaves}Q", header, _WAL_HEADER.size)
+    return start, steps, _WAL_HEADER.size + 8 * nleaves + sum(sizes) + 4
+
+
+def segment_intact(data: bytes) -> bool:
+    """Whether `data`, one whole segment, holds its checksum (a torn write does not)."""
+    if len(data) < _WAL_HEADER.size + 4:
+        return False
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    return bool(zlib.crc32(memoryview(data)[: len(data) - 4]) == crc)
 
 
 def remove_temporary(stream_dir: Path) -> None:

@@ -4,14 +4,17 @@ The storage engine never touches files or objects itself: it asks its `Location`
 the small JSON documents, the write-ahead log segments, and for the base key-value store under
 each stream's OCDBT database, and it asks it for the right to write a stream:
 
-- `FileLocation`: a local directory. Atomic renames, fsync, and an `flock` per stream (released
-  by the kernel the moment its process dies).
+- `FileLocation`: a local directory. Atomic renames, fsync, an `flock` per stream (released
+  by the kernel the moment its process dies), and log segments appended to log files
+  (`expvault.storage.logfiles`).
 - `KvLocation`: a tensorstore key-value store: `s3://`, `gs://`, `memory://`, or any kvstore spec.
   Writes of one object are atomic; a stream's writer holds a `Lease` (see `expvault.storage.lease`)
   that other servers see, renewed in the background, with fencing for a writer that lost it.
 
 Both hold the same layout: `<vault>/vault.json`, `<vault>/<uid>/metadata.json`, the OCDBT database
-of `<vault>/<uid>/`, and `<vault>/<uid>/wal/<start>-<stop>[-<epoch>].seg`.
+of `<vault>/<uid>/`, and the write-ahead log in `<vault>/<uid>/wal/`: one object per segment,
+`<start>-<stop>[-<epoch>].seg`, on a key-value store; records in `<start>.log` files in a
+directory (which also reads `.seg` files, as earlier versions wrote them there).
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,35 +38,13 @@ else:
 
 from expvault.errors import InvalidArgumentError, ResourceExhaustedError, StorageError
 from expvault.storage import files
+from expvault.storage.files import SegmentName
+from expvault.storage.logfiles import LogFiles
 
 WAL_DIR = files.WAL_DIR
-_SEGMENT_NAME = re.compile(r"(\d{20})-(\d{20})(?:-(\d{1,19}))?\.seg")
 # tensorstore's generation of a key that does not exist: `if_equal=NO_VALUE` creates only.
 NO_VALUE = b"\x02"
 _URL_SCHEMES = ("file://", "memory://", "s3://", "gs://", "gcs://")
-
-
-@dataclass(frozen=True)
-class SegmentName:
-    """A write-ahead log segment: steps `[start, stop)` written by the writer of `epoch`."""
-
-    start: int
-    stop: int
-    epoch: int
-
-    @property
-    def name(self) -> str:
-        """The segment's file or object name."""
-        suffix = f"-{self.epoch}" if self.epoch else ""
-        return f"{self.start:020d}-{self.stop:020d}{suffix}.seg"
-
-    @staticmethod
-    def parse(name: str) -> SegmentName | None:
-        """The segment a name stands for; None for anything else (temporary files)."""
-        m = _SEGMENT_NAME.fullmatch(name)
-        if m is None:
-            return None
-        return SegmentName(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0))
 
 
 class Location:
@@ -125,6 +104,9 @@ class Location:
     def remove_temporary(self, stream: str) -> None:
         """Deletes what a crashed writer left half-written (the stream's writer only)."""
 
+    def release_log(self, stream: str) -> None:
+        """The stream's writer stopped: lets go of what it kept for writing the log."""
+
     def bytes_used(self, key: str) -> int:
         """Bytes stored under `key`; 0 where the location cannot tell cheaply."""
         return 0
@@ -154,12 +136,13 @@ class Location:
 
 
 class FileLocation(Location):
-    """A local directory (the default)."""
+    """A local directory (the default); its write-ahead logs are `LogFiles`."""
 
     def __init__(self, root: str | os.PathLike[str], context: ts.Context) -> None:
         self.root = Path(root).absolute()
         self.url = str(self.root)
         self.context = context
+        self._logs = LogFiles(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -206,35 +189,28 @@ class FileLocation(Location):
 
     @override
     def segments(self, stream: str) -> list[SegmentName]:
-        try:
-            names = os.listdir(self._path(stream) / WAL_DIR)
-        except FileNotFoundError:
-            return []
-        return [s for s in map(SegmentName.parse, names) if s is not None]
+        return self._logs.segments(stream)
 
     @override
     def read_segment(self, stream: str, name: SegmentName) -> bytes:
-        return (self._path(stream) / WAL_DIR / name.name).read_bytes()
+        return self._logs.read(stream, name)
 
     @override
     def write_segment(self, stream: str, name: SegmentName, chunks: Sequence[Any]) -> None:
-        (self._path(stream) / WAL_DIR).mkdir(exist_ok=True)
-        path = self._path(stream) / WAL_DIR / name.name
-        try:
-            files.write_durably(path, chunks)
-        except BaseException:
-            # Renamed but not made durable (the directory fsync failed): not acknowledged, so
-            # take it back rather than leave a segment that a later append at this offset overlaps.
-            files.remove_quietly(path)
-            raise
+        self._logs.write(stream, name, chunks)
 
     @override
     def remove_segment(self, stream: str, name: SegmentName) -> None:
-        files.remove_quietly(self._path(stream) / WAL_DIR / name.name)
+        self._logs.remove(stream, name)
 
     @override
     def remove_temporary(self, stream: str) -> None:
         files.remove_temporary(self._path(stream))
+        self._logs.clean(stream)
+
+    @override
+    def release_log(self, stream: str) -> None:
+        self._logs.release(stream)
 
     @override
     def bytes_used(self, key: str) -> int:
@@ -261,6 +237,7 @@ class FileLocation(Location):
         # Rename first so a crash never leaves a half-deleted vault that looks valid.
         doomed = self.root / f".deleted-{key.replace('/', '-')}-{uuid.uuid4().hex}"
         os.replace(self._path(key), doomed)
+        self._logs.forget(key)
         files.fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 

@@ -4,8 +4,9 @@ A stream's data lives in two places:
 - the zarr arrays (flashbax's format) hold steps `[0, materialized)`, where `materialized` is the
   stored `vault_index`; they are only ever written in whole time chunks, in one OCDBT transaction
   with `vault_index`, so a chunk is written once and a crash leaves them consistent;
-- the write-ahead log holds steps `[materialized, length)`: one file per group commit, fsync'd
-  before the append is acknowledged, mirrored in memory for readers.
+- the write-ahead log holds steps `[materialized, length)`: one segment per group commit (a
+  record appended to a log file in a directory, an object on an object store), durable before
+  the append is acknowledged, mirrored in memory for readers.
 
 Appends go through one committer thread per stream, which takes every append waiting at that
 moment and commits them together (group commit): one log write and one fsync for all of them.
@@ -43,8 +44,9 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import files
+from expvault.storage.files import SegmentName
 from expvault.storage.lease import FENCE_KEY, Fences, Lease, segment_valid
-from expvault.storage.location import NO_VALUE, KvLocation, Location, SegmentName
+from expvault.storage.location import NO_VALUE, KvLocation, Location
 
 logger = logging.getLogger(__name__)
 
@@ -575,6 +577,8 @@ class Stream:
             thread.join()
         writing, self._writing = self._writing, None
         if writing is not None:
+            # Before the lock or lease goes: the next writer may start at once.
+            self._location.release_log(self.key)
             writing.release()
         with self._lock:
             held, self._log_bytes = self._log_bytes, 0
