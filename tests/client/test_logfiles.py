@@ -200,3 +200,38 @@ def test_segment_files_of_earlier_versions_are_read_then_removed(tmp_path: Path)
     finally:
         store.close()
     _check(tmp_path, 50)
+
+
+def test_a_listing_older_than_the_current_file_does_not_lose_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The materializer lists the log while the committer begins a new file: a listing taken
+    just before the file existed must not make the writer forget it (seen in the kill -9 soak:
+    the next append failed with a KeyError and acks stopped)."""
+    log = LogFiles(tmp_path)
+    (tmp_path / "v" / "u").mkdir(parents=True)
+    first = encode_segment(Segment(0, tuple(expected(0, 5))))
+    log.write("v/u", SegmentName(0, 5, 0), first)
+    listdir = os.listdir
+    monkeypatch.setattr(logfiles.os, "listdir", lambda path: [])  # taken before the file began
+    assert log.segments("v/u") == []
+    monkeypatch.setattr(logfiles.os, "listdir", listdir)
+    log.write("v/u", SegmentName(5, 9, 0), encode_segment(Segment(5, tuple(expected(5, 9)))))
+    found = sorted(log.segments("v/u"), key=lambda n: n.start)
+    assert found == [SegmentName(0, 5, 0), SegmentName(5, 9, 0)]
+
+
+def test_an_overlap_is_taken_and_a_gap_ends_the_file(tmp_path: Path) -> None:
+    """A record written but not counted (its commit failed after the write) is followed by the
+    retry at its start: both are read, the stream keeps each step once. A record past a gap
+    cannot come from the writer: reading stops there."""
+    writer = LogFiles(tmp_path)
+    (tmp_path / "v" / "u").mkdir(parents=True)
+    for start, stop in [(0, 5), (0, 8), (20, 24), (8, 10)]:  # (8, 10) lies past the gap
+        writer.write("v/u", SegmentName(start, stop, 0), encode_segment(_segment(start, stop)))
+    found = sorted(LogFiles(tmp_path).segments("v/u"), key=lambda n: (n.start, n.stop))
+    assert found == [SegmentName(0, 5, 0), SegmentName(0, 8, 0)]
+
+
+def _segment(start: int, stop: int) -> Segment:
+    return Segment(start, tuple(expected(start, stop)))

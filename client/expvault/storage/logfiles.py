@@ -12,10 +12,11 @@ has already allocated and `fdatasync` has no metadata to journal (on these machi
 naming its steps, the leaves' bytes, CRC32). A file is named after the stream offset of its first
 record, and each record starts where the one before it stops (every record a writer appends
 starts at the stream's committed length). A reader takes the records from a file's start while
-they chain that way and their checksums hold, so it never takes the torn record of a write that
-a crash interrupted (never acknowledged), nor one left from a file's previous use (those hold
-older offsets). `wal/<start>-<stop>.seg` files (one segment each, written by earlier versions)
-are read and removed as before.
+each starts between the file's first offset and the end of those before it (an overlap is
+tolerated, a gap is not) and their checksums hold, so it never takes the torn record of a write
+that a crash interrupted (never acknowledged), nor one left from a file's previous use (those
+hold offsets before the file's first). `wal/<start>-<stop>.seg` files (one segment each, written
+by earlier versions) are read and removed as before.
 
 Only the stream's writer, which holds its `flock`, writes, recycles and removes log files;
 readers in other processes list and read them.
@@ -119,7 +120,8 @@ class LogFiles:
             names = []
         found = [s for s in map(SegmentName.parse, names) if s is not None]
         with log.lock:
-            for gone in set(log.known) - set(names):
+            # The current file may have begun after the listing: it is known, not gone.
+            for gone in set(log.known) - set(names) - {log.current}:
                 self._forget(log, gone)
             for name in names:
                 if not _LOG_NAME.fullmatch(name):
@@ -149,7 +151,8 @@ class LogFiles:
                 if head_size is None:
                     break
                 start, steps, size = files.segment_extent(os.pread(fd, head_size, known.end))
-                if start != known.next_start or known.end + size > stat.st_size:
+                first = int(name[:20])
+                if not first <= start <= known.next_start or known.end + size > stat.st_size:
                     break
                 if not files.segment_intact(os.pread(fd, size, known.end)):
                     break
@@ -157,7 +160,7 @@ class LogFiles:
                 known.records.append(record)
                 log.where[record.name] = name
                 known.end += size
-                known.next_start = start + steps
+                known.next_start = max(known.next_start, start + steps)
         finally:
             os.close(fd)
         return known
@@ -216,7 +219,7 @@ class LogFiles:
             record = _Record(name, log.pos, size)
             known.records.append(record)
             known.end = log.pos + size
-            known.next_start = name.stop
+            known.next_start = max(known.next_start, name.stop)
             log.where[name] = log.current
             log.pos += size
 

@@ -614,8 +614,15 @@ class Stream:
                     nbytes += sum(int(a.nbytes) for a in p.arrays)
                 # A future its submitter cancelled is dropped: nothing of it is written.
                 batch = [p for p in taken if p.future.set_running_or_notify_cancel()]
-            if batch:
+            if not batch:
+                continue
+            try:
                 self._commit(batch)
+            except Exception as e:  # a bug: fail this group, keep committing (never hang acks)
+                logger.exception("stream %s/%s: commit failed", self.vault_name, self.vault_uid)
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(StorageError(f"commit failed: {e!r}"))
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Commits a group of appends with one log write; resolves their futures."""
