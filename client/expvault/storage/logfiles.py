@@ -86,8 +86,8 @@ class _StreamLog:
         self.current: str | None = None  # the file this process appends to
         self.fd = -1
         self.pos = 0  # where the next record goes in `current`
-        self.capacity = 0  # bytes `current` takes before the next file begins
-        self.file_bytes = LOG_FILE_MIN_BYTES  # the size of the files written now
+        self.allocated = 0  # the size `current` had when it began (a spare's blocks)
+        self.file_bytes = LOG_FILE_MIN_BYTES  # the size of file the last record asked for
 
 
 class LogFiles:
@@ -200,8 +200,11 @@ class LogFiles:
         log = self._log(stream)
         views = [memoryview(c).cast("B") for c in chunks]
         size = sum(len(v) for v in views)
-        if log.fd < 0 or (log.pos > 0 and log.pos + size > log.capacity):
-            self._begin_file(log, name.start, size)
+        # Sized by this record, so a file grown by a few large records does not go on growing
+        # by small ones; a spare's blocks are used whatever its size.
+        log.file_bytes = max(LOG_FILE_MIN_BYTES, RECORDS_PER_FILE * size)
+        if log.fd < 0 or (log.pos > 0 and log.pos + size > max(log.file_bytes, log.allocated)):
+            self._begin_file(log, name.start)
         assert log.current is not None
         offset = log.pos
         while views:
@@ -223,16 +226,12 @@ class LogFiles:
             log.where[name] = log.current
             log.pos += size
 
-    def _begin_file(self, log: _StreamLog, start: int, size: int) -> None:
-        """Makes `<start>.log` the file appended to: a spare renamed, else a new file.
-
-        Sizes the files to come for records of about `size` bytes.
-        """
+    def _begin_file(self, log: _StreamLog, start: int) -> None:
+        """Makes `<start>.log` the file appended to: a spare renamed, else a new file."""
         if not log.wal.exists():
             log.wal.mkdir()
             files.fsync_dir(log.wal.parent)
         with log.lock:
-            log.file_bytes = max(LOG_FILE_MIN_BYTES, RECORDS_PER_FILE * size)
             previous, log.current = log.current, None
             if log.fd >= 0:
                 os.close(log.fd)
@@ -257,8 +256,7 @@ class LogFiles:
         with log.lock:
             self._forget(log, name)
             log.known[name] = _LogFile(stat.st_ino, next_start=start)
-            log.current, log.fd, log.pos = name, fd, 0
-            log.capacity = max(log.file_bytes, stat.st_size)
+            log.current, log.fd, log.pos, log.allocated = name, fd, 0, stat.st_size
 
     def remove(self, stream: str, name: SegmentName) -> None:
         """Drops a materialized segment; a log file left with none is kept as a spare or deleted."""
