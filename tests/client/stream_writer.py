@@ -8,7 +8,8 @@ then appends deterministic steps (`expected(start, stop)`) in pieces of random s
 to K appends in flight, and prints `ack <committed offset>` (flushed) after each acknowledged
 append. With `--stop N` it stops after N steps, closes the stream and prints `closed <length>`;
 without, it runs until killed. `--log-file-bytes` sets the size at which the write-ahead log moves
-on to its next file (small: many files, each used again many times).
+on to its next file, and materializes every 8 chunks (small: many files, each emptied and used
+again many times).
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def main() -> None:
 
     from expvault.schema import Schema
     from expvault.storage import Store, logfiles
+    from expvault.storage import stream as stream_module
 
     if args.log_file_bytes is not None:
         logfiles.LOG_FILE_MIN_BYTES = args.log_file_bytes
         logfiles.RECORDS_PER_FILE = 1
+        stream_module.MATERIALIZE_MIN_BYTES = 0  # chunks move every 8: files are emptied often
 
     store = Store(args.root)
     schema = Schema.from_experience(experience_structure())

@@ -17,6 +17,7 @@ from stream_writer import expected, experience_structure
 
 from expvault.schema import Schema
 from expvault.storage import Store, Stream, logfiles
+from expvault.storage import stream as stream_module
 from expvault.storage.files import Segment, SegmentName, encode_segment, write_durably
 from expvault.storage.logfiles import LogFiles
 
@@ -99,6 +100,7 @@ def test_files_are_used_again_and_never_give_back_old_records(
     into the arrays; readers and the next writer find exactly the stream's steps."""
     monkeypatch.setattr(logfiles, "LOG_FILE_MIN_BYTES", 40 * STEP_BYTES)
     monkeypatch.setattr(logfiles, "RECORDS_PER_FILE", 1)
+    monkeypatch.setattr(stream_module, "MATERIALIZE_MIN_BYTES", 0)  # every 8 chunks
     store, stream = _open(tmp_path, create=True, chunk_steps=16)
     rng = np.random.default_rng(3)
     spares: set[int] = set()  # inodes seen as spares (which are only deleted when writing ends)

@@ -767,3 +767,21 @@ def test_a_stream_without_metadata_is_reported_not_hidden(store: Store) -> None:
             fresh.open_stream("v", "u", create=True)  # never recreated over the data
     finally:
         fresh.close()
+
+
+def test_small_steps_move_into_the_arrays_by_megabytes_not_by_eight_chunks(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 58-byte steps in chunks of 16: eight chunks are 7 KiB, too little to pay an OCDBT commit.
+    from expvault.storage import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "MATERIALIZE_AFTER_S", 3600.0)  # no timer: bytes only
+    stream = _stream(store, chunk_steps=16)
+    assert stream.append(0, expected(0, 256)) == 256  # sixteen chunks
+    time.sleep(0.3)
+    assert stream.materialized == 0
+    need = -(-stream_module.MATERIALIZE_MIN_BYTES // SCHEMA.step_bytes)
+    assert stream.append(256, expected(256, need + 16)) == need + 16
+    _wait_materialized(stream, 16)
+    assert stream.materialized % 16 == 0
+    _assert_equal(stream.read(0, need + 16), expected(0, need + 16))

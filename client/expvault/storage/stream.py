@@ -52,14 +52,17 @@ logger = logging.getLogger(__name__)
 
 # flashbax stores the committed length as int32.
 MAX_STREAM_STEPS = 2**31 - 1
-# Time chunks moved into the arrays per transaction: a transaction holds its data several times
-# over (the log's arrays, tensorstore's chunk buffers, their encoded form) until it commits.
+# Time chunks moved into the arrays per transaction: at most 16, or as many as make 16 MiB when
+# chunks are small. A transaction holds its data several times over (the log's arrays,
+# tensorstore's chunk buffers, their encoded form) until it commits.
 MATERIALIZE_CHUNKS = 16
-# Time chunks the materializer waits for before a transaction, unless the log's memory budget
-# is pressed or the oldest chunk waited `MATERIALIZE_AFTER_S`: each OCDBT commit has a fixed
-# cost that grows with the database (its B-tree's depth), so fewer, larger commits keep the cost
-# of an append flat as the stream grows.
+MATERIALIZE_MAX_BYTES = 16 << 20
+# What the materializer waits for before a transaction: 8 time chunks and 4 MiB of steps, unless
+# the log's memory budget is pressed or the oldest chunk waited `MATERIALIZE_AFTER_S`. Each OCDBT
+# commit has a fixed cost (a few ms) that grows with the database (its B-tree's depth), so fewer,
+# larger commits keep the cost of an append flat as the stream grows, small steps included.
 MATERIALIZE_MIN_CHUNKS = 8
+MATERIALIZE_MIN_BYTES = 4 << 20
 MATERIALIZE_AFTER_S = 1.0
 # Bytes of appends one group commit takes (at least one append): the group is copied into one
 # log segment, so it is held twice while it commits.
@@ -194,6 +197,14 @@ class Stream:
         self._arrays = list(arrays)
         self._index = index
         self._flush_steps = flush_steps
+        chunk_bytes = max(1, flush_steps * schema.step_bytes)
+        # Steps per transaction of the materializer: at least, and at most (whole chunks).
+        self._batch_steps = flush_steps * max(
+            MATERIALIZE_MIN_CHUNKS, -(-MATERIALIZE_MIN_BYTES // chunk_bytes)
+        )
+        self._max_batch_steps = flush_steps * max(
+            MATERIALIZE_CHUNKS, MATERIALIZE_MAX_BYTES // chunk_bytes
+        )
         self._log_budget = log_budget or LogBudget(None)
         self._log_bytes = 0  # bytes of `_segments` taken of `_log_budget` (writer only)
         self._lock = threading.Lock()
@@ -719,7 +730,7 @@ class Stream:
                     now = time.monotonic()
                     ready_since = now if ready_since is None else ready_since
                     if (
-                        waiting >= MATERIALIZE_MIN_CHUNKS * self._flush_steps
+                        waiting >= self._batch_steps
                         or now - ready_since >= MATERIALIZE_AFTER_S
                         or self._log_budget.pressed()
                     ):
@@ -728,7 +739,7 @@ class Stream:
                 if self._closed or self._ending or self._lost is not None:
                     return
                 stop = self._length - self._length % self._flush_steps
-                stop = min(stop, self._materialized + MATERIALIZE_CHUNKS * self._flush_steps)
+                stop = min(stop, self._materialized + self._max_batch_steps)
             ready_since = None
             try:
                 failure = self._materialize(stop)
