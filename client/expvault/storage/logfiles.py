@@ -52,27 +52,20 @@ _SPARE = re.compile(r"spare-[0-9a-f]{32}\.log")
 _IOV_MAX = 512  # buffers per pwritev (Linux takes up to 1024)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Record:
-    name: SegmentName
     offset: int
     size: int
-    removed: bool = False
 
 
 @dataclass
 class _LogFile:
-    """What is known of one log file: its valid records from the start, in order."""
+    """What is known of one log file: where its valid records end, and those not yet removed."""
 
     inode: int
-    next_start: int  # the stream offset the next record must start at
-    end: int = 0  # bytes of those records
-    records: list[_Record] = field(default_factory=list)
-
-    @property
-    def live(self) -> bool:
-        """Whether a record of it is not materialized yet."""
-        return any(not r.removed for r in self.records)
+    next_start: int  # a next record may start at most here
+    end: int = 0  # bytes of the valid records from the file's start
+    live: dict[SegmentName, _Record] = field(default_factory=dict)  # not materialized yet
 
 
 class _StreamLog:
@@ -128,7 +121,7 @@ class LogFiles:
                     continue
                 known = log.known[name] if name == log.current else self._scan(log, name)
                 if known is not None:
-                    found.extend(r.name for r in known.records if not r.removed)
+                    found.extend(known.live)
         return found
 
     def _scan(self, log: _StreamLog, name: str) -> _LogFile | None:
@@ -156,9 +149,9 @@ class LogFiles:
                     break
                 if not files.segment_intact(os.pread(fd, size, known.end)):
                     break
-                record = _Record(SegmentName(start, start + steps, 0), known.end, size)
-                known.records.append(record)
-                log.where[record.name] = name
+                segment = SegmentName(start, start + steps, 0)
+                known.live[segment] = _Record(known.end, size)
+                log.where[segment] = name
                 known.end += size
                 known.next_start = max(known.next_start, start + steps)
         finally:
@@ -171,7 +164,7 @@ class LogFiles:
         with log.lock:
             file = log.where.get(name)
             known = log.known.get(file) if file is not None else None
-            record = next((r for r in known.records if r.name == name), None) if known else None
+            record = known.live.get(name) if known is not None else None
         if file is None or record is None:
             return (log.wal / name.name).read_bytes()  # a `.seg` file (or FileNotFoundError)
         with open(log.wal / file, "rb") as f:
@@ -219,8 +212,7 @@ class LogFiles:
         os.fdatasync(log.fd)
         with log.lock:
             known = log.known[log.current]
-            record = _Record(name, log.pos, size)
-            known.records.append(record)
+            known.live[name] = _Record(log.pos, size)
             known.end = log.pos + size
             known.next_start = max(known.next_start, name.stop)
             log.where[name] = log.current
@@ -264,10 +256,9 @@ class LogFiles:
         with log.lock:
             file = log.where.pop(name, None)
             if file is not None:
-                for record in log.known[file].records:
-                    if record.name == name:
-                        record.removed = True
-                if file != log.current and not log.known[file].live:
+                known = log.known[file]
+                known.live.pop(name, None)
+                if file != log.current and not known.live:
                     self._recycle(log, file)
                 return
         files.remove_quietly(log.wal / name.name)
@@ -329,6 +320,6 @@ class LogFiles:
     def _forget(log: _StreamLog, name: str) -> None:
         known = log.known.pop(name, None)
         if known is not None:
-            for record in known.records:
-                if log.where.get(record.name) == name:
-                    del log.where[record.name]
+            for segment in known.live:
+                if log.where.get(segment) == name:
+                    del log.where[segment]
