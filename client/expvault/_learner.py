@@ -3,8 +3,9 @@
 `Follow` wraps the generator behind `VaultReader.follow` and keeps, per stream, the offset after
 the last steps it yielded: save `follow.positions` with the learner's checkpoint and pass it back
 as `follow(positions=...)` to continue exactly where it stopped. `SampleIterator` draws batches on
-a background thread and keeps a few ready; it stops when closed, when its reader closes, or when
-it is garbage (e.g. after `break`ing out of a loop over it).
+background threads (a few calls in flight, delivered in order) and keeps a few ready; it stops
+when closed, when its reader closes, or when it is garbage (e.g. after `break`ing out of a loop
+over it).
 """
 
 from __future__ import annotations
@@ -133,36 +134,61 @@ _STOPPED = object()
 
 
 class Prefetch:
-    """What a prefetching thread shares with its iterator: the ready batches, the call in flight.
+    """What the prefetching threads share with their iterator: the batches, the calls in flight.
 
-    It never refers to the iterator, so an abandoned iterator is collected and its finalizer
-    stops the thread.
+    Draws are numbered (tickets) in the order the iterator hands them out; with several threads
+    drawing at once, a batch that comes back early waits for those before it. At most `capacity`
+    batches wait ready, and at most one draw per thread is in flight. It never refers to the
+    iterator, so an abandoned iterator is collected and its finalizer stops the threads.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, workers: int = 1) -> None:
         self._cond = threading.Condition()
         self._ready: deque[Any] = deque()
+        self._early: dict[int, Any] = {}  # batches back before those of lower tickets
         self._capacity = capacity
-        self._call: grpc.Call | None = None
+        self._workers = workers
+        self._issued = 0  # tickets handed to drawing threads
+        self._consumed = 0  # batches handed to the iterator
+        self._calls: dict[int, grpc.Call] = {}  # by drawing thread
+        self._failed = False  # a draw failed: no new tickets
         self.stopped = False
 
     def track(self, call: grpc.Call | None) -> None:
-        """Remembers the call in flight so `stop` can cancel it (None: no call in flight)."""
+        """Remembers this thread's call in flight so `stop` can cancel it (None: none)."""
+        me = threading.get_ident()
         with self._cond:
-            self._call = call
-            if call is not None and self.stopped:
+            if call is None:
+                self._calls.pop(me, None)
+                return
+            self._calls[me] = call
+            if self.stopped:
                 call.cancel()
 
-    def put(self, item: Any) -> bool:
-        """Waits for room and adds a batch; False once stopped."""
+    def take(self) -> int | None:
+        """Waits until another batch may be drawn; its ticket, or None once stopped or failed."""
         with self._cond:
-            while len(self._ready) >= self._capacity and not self.stopped:
+            while (
+                self._issued - self._consumed >= self._capacity + self._workers
+                and not self.stopped
+                and not self._failed
+            ):
                 self._cond.wait()
+            if self.stopped or self._failed:
+                return None
+            self._issued += 1
+            return self._issued - 1
+
+    def put(self, ticket: int, item: Any) -> None:
+        """Adds the batch of `ticket` (or its failure), after those of lower tickets."""
+        with self._cond:
             if self.stopped:
-                return False
-            self._ready.append(item)
+                return
+            self._failed = self._failed or isinstance(item, _Failure)
+            self._early[ticket] = item
+            while self._consumed + len(self._ready) in self._early:
+                self._ready.append(self._early.pop(self._consumed + len(self._ready)))
             self._cond.notify_all()
-            return True
 
     def get(self) -> Any:
         """Waits for the next batch; `_STOPPED` once stopped."""
@@ -172,59 +198,73 @@ class Prefetch:
             if self.stopped:
                 return _STOPPED
             item = self._ready.popleft()
+            self._consumed += 1
             self._cond.notify_all()
             return item
 
     def stop(self) -> None:
-        """Stops the thread and wakes a waiting `get` (idempotent).
+        """Stops the threads and wakes a waiting `get` (idempotent).
 
-        Cancels the call in flight and drops the ready batches.
+        Cancels the calls in flight and drops the batches drawn.
         """
         with self._cond:
             self.stopped = True
             self._ready.clear()
-            if self._call is not None:
-                self._call.cancel()
+            self._early.clear()
+            for call in self._calls.values():
+                call.cancel()
             self._cond.notify_all()
 
 
-def _produce(state: Prefetch, draw: Callable[[Prefetch], Any]) -> None:
-    """The prefetching thread: draws batches until stopped; a failure ends it."""
-    while not state.stopped:
+def _produce(state: Prefetch, draw: Callable[[Prefetch, int], Any]) -> None:
+    """A prefetching thread: draws batches until stopped; a failure ends the drawing."""
+    while (ticket := state.take()) is not None:
         try:
-            item = draw(state)
+            item = draw(state, ticket)
         except BaseException as error:
             if state.stopped:
                 return  # cancelled by stop(): not a failure
             item = _Failure(error)
-        if not state.put(item) or isinstance(item, _Failure):
-            return
+        state.put(ticket, item)
 
 
 class SampleIterator(Generic[T]):
-    """Batches drawn on a background thread, up to `prefetch` of them kept ready.
+    """Batches drawn on background threads, up to `prefetch` of them kept ready.
 
     Created by `VaultReader.sample_iter`. Endless: stop it with `close()`, a `with` block, or by
     closing its reader; an iterator left behind (`break` out of a `for` loop) stops once it is
-    garbage. A failure of a draw (e.g. the server stayed away) is raised by `next()`, after the
-    batches drawn before it.
+    garbage. Batches come in the order they were drawn, whichever call returns first. A failure
+    of a draw (e.g. the server stayed away) is raised by `next()`, after the batches drawn
+    before it.
 
     Args:
-        draw: draws one batch; gets the prefetch state to report its call in flight.
+        draw: draws batch number `ticket` (0, 1, ...); gets the prefetch state to report its
+            call in flight.
         prefetch: batches kept ready (>= 1).
-        name: the thread's name.
+        name: the threads' name.
+        workers: draws in flight at once (>= 1), each on a thread of its own.
     """
 
-    def __init__(self, draw: Callable[[Prefetch], T], *, prefetch: int, name: str) -> None:
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise InvalidArgumentError(f"prefetch must be an int >= 1, got {prefetch!r}")
-        self._state = Prefetch(prefetch)
+    def __init__(
+        self,
+        draw: Callable[[Prefetch, int], T],
+        *,
+        prefetch: int,
+        name: str,
+        workers: int = 1,
+    ) -> None:
+        for what, value in (("prefetch", prefetch), ("workers", workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{what} must be an int >= 1, got {value!r}")
+        self._state = Prefetch(prefetch, workers)
         self._closed = False
-        self._thread = threading.Thread(
-            target=_produce, args=(self._state, draw), name=name, daemon=True
-        )
+        self._threads = [
+            threading.Thread(target=_produce, args=(self._state, draw), name=name, daemon=True)
+            for _ in range(workers)
+        ]
         self._finalizer = weakref.finalize(self, self._state.stop)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def __iter__(self) -> SampleIterator[T]:
         return self
@@ -243,14 +283,15 @@ class SampleIterator(Generic[T]):
         return result
 
     def close(self, timeout_s: float | None = 10.0) -> None:
-        """Stops the background thread and drops the batches it prepared (idempotent).
+        """Stops the background threads and drops the batches they drew (idempotent).
 
         Args:
-            timeout_s: how long to wait for the thread to end.
+            timeout_s: how long to wait for each thread to end.
         """
         self._closed = True
         self._finalizer()
-        self._thread.join(timeout_s)
+        for thread in self._threads:
+            thread.join(timeout_s)
 
     def __enter__(self) -> SampleIterator[T]:
         return self

@@ -2,13 +2,15 @@
 
 Reads ranges and whole vaults (numpy pytrees or flashbax buffer states), follows new steps as they
 commit with a position a learner can save and resume (`Follow`), and draws random windows, one at a
-time or prefetched on a background thread (`SampleIterator`).
+time or prefetched on background threads (`SampleIterator`).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -482,12 +484,13 @@ class VaultReader:
         sequence_length: int,
         *,
         prefetch: int = 4,
+        workers: int = 2,
         seed: int | None = None,
         vault_uids: Sequence[str] = (),
         leaves: Sequence[str] | None = None,
         device: Any = None,
     ) -> SampleIterator[TrajectoryBufferSample[Any]]:
-        """Endless `sample` batches, drawn on a background thread with `prefetch` kept ready.
+        """Endless `sample` batches, drawn on background threads with `prefetch` kept ready.
 
         Stop it with `close()` (or a `with` block, or `reader.close()`); an iterator abandoned
         by a `break` stops once garbage collected.
@@ -503,8 +506,10 @@ class VaultReader:
             batch_size: windows per batch.
             sequence_length: steps per window.
             prefetch: batches kept ready (>= 1).
+            workers: `Sample` calls in flight at once (>= 1): while the server reads one batch,
+                another travels; batches still come in order.
             seed: seeds a reproducible sequence of batches (batch `i` is the same on the same
-                data); None for fresh draws.
+                data, whatever `workers`); None for fresh draws.
             vault_uids: the streams to draw from; default all.
             leaves: leaf names to read; default all.
             device: a `jax.Device` or `jax.sharding.Sharding` to put each batch on in the
@@ -515,21 +520,32 @@ class VaultReader:
             `(batch_size, sequence_length, ...)`; `next()` raises what `sample` would.
 
         Raises:
-            InvalidArgumentError: `prefetch` < 1.
+            InvalidArgumentError: `prefetch` or `workers` < 1.
         """
         seeds = None if seed is None else np.random.default_rng(seed)
+        # Batch i's seed is the i-th of the sequence, whichever thread draws batch i.
+        drawn: dict[int, int] = {}  # seeds drawn ahead of their batch, by batch number
+        numbers = itertools.count()
+        seeds_lock = threading.Lock()
 
-        def draw(state: Prefetch) -> TrajectoryBufferSample[Any]:
-            batch_seed = None if seeds is None else int(seeds.integers(0, 1 << 63))
+        def seed_of(ticket: int) -> int | None:
+            if seeds is None:
+                return None
+            with seeds_lock:
+                while ticket not in drawn:
+                    drawn[next(numbers)] = int(seeds.integers(0, 1 << 63))
+                return drawn.pop(ticket)
+
+        def draw(state: Prefetch, ticket: int) -> TrajectoryBufferSample[Any]:
             batch = self._sample(
-                batch_size, sequence_length, batch_seed, vault_uids, leaves, state.track
+                batch_size, sequence_length, seed_of(ticket), vault_uids, leaves, state.track
             )
             if device is not None:
                 batch = jax.device_put(batch, device)
             return batch
 
         iterator: SampleIterator[TrajectoryBufferSample[Any]] = SampleIterator(
-            draw, prefetch=prefetch, name=f"expvault-sample-{self.vault_name}"
+            draw, prefetch=prefetch, workers=workers, name=f"expvault-sample-{self.vault_name}"
         )
         self._iterators.add(iterator)
         return iterator

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import BATCH, OBS, Actor, ServerThread, assert_experience, structure
 from expvault import InvalidArgumentError, NotFoundError, RemoteVault, VaultReader
+from expvault._learner import Prefetch
 from expvault.remote import Follow, Followed, SampleIterator
 
 
@@ -192,6 +193,41 @@ def test_sample_iter_prefetches_reproducible_batches(server: ServerThread) -> No
         on_device = next(iter(reader.sample_iter(4, 2, device=jax.devices()[0])))
         assert isinstance(on_device.experience.obs, jax.Array)
         gc.collect()
+
+
+def test_prefetched_batches_come_in_ticket_order_and_within_bounds() -> None:
+    state = Prefetch(capacity=1, workers=2)
+    tickets = [state.take() for _ in range(3)]  # 1 ready + 2 in flight
+    assert tickets == [0, 1, 2]
+    taken: list[int | None] = []
+    blocked = threading.Thread(target=lambda: taken.append(state.take()))
+    blocked.start()
+    blocked.join(0.2)
+    assert blocked.is_alive()  # a fourth would exceed what may be ready or in flight
+    state.put(2, "c")
+    state.put(0, "a")
+    assert state.get() == "a"  # frees room: the fourth ticket is issued
+    blocked.join(5)
+    assert taken == [3]
+    state.put(1, "b")
+    assert [state.get(), state.get()] == ["b", "c"]
+    state.stop()
+    assert state.take() is None
+
+
+def test_sample_iter_batches_keep_their_order_whatever_the_workers(server: ServerThread) -> None:
+    """Several calls in flight may come back in any order; batch i is still the i-th draw."""
+    _write(server, "a", [16, 16, 16])
+    with VaultReader(server.target, "v", structure()) as reader:
+        with reader.sample_iter(8, 5, prefetch=1, workers=1, seed=7) as batches:
+            one = [next(batches) for _ in range(12)]
+        with reader.sample_iter(8, 5, prefetch=2, workers=4, seed=7) as batches:
+            four = [next(batches) for _ in range(12)]
+        for a, b in zip(one, four, strict=True):
+            np.testing.assert_array_equal(a.experience.obs, b.experience.obs)
+        with pytest.raises(InvalidArgumentError, match="workers"):
+            reader.sample_iter(8, 5, workers=0)
+    assert not _sample_threads()
 
 
 def test_sample_iter_stops_on_close_break_and_reader_close(server: ServerThread) -> None:

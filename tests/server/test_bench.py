@@ -38,7 +38,7 @@ CASES = {
         "ceiling_mb_per_s",
         "vs_ceiling",
     ],
-    "sample.32x64": ["batches_per_s", "p50_ms", "p99_ms"],
+    "sample.32x64": ["batches_per_s", "p50_ms", "p99_ms", "iter_batches_per_s"],
     "append.growth": ["short_us_per_step", "long_us_per_step", "long_vs_short"],
 }
 # The quick run, smaller still: each case once after its warm-up, on a few MB.
