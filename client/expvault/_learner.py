@@ -137,9 +137,10 @@ class Prefetch:
     """What the prefetching threads share with their iterator: the batches, the calls in flight.
 
     Draws are numbered (tickets) in the order the iterator hands them out; with several threads
-    drawing at once, a batch that comes back early waits for those before it. At most `capacity`
-    batches wait ready, and at most one draw per thread is in flight. It never refers to the
-    iterator, so an abandoned iterator is collected and its finalizer stops the threads.
+    drawing at once, a batch that comes back early waits for those before it. At most
+    `capacity + workers` batches are drawn ahead of the iterator (ready or in flight), one in
+    flight per thread. It never refers to the iterator, so an abandoned iterator is collected
+    and its finalizer stops the threads.
     """
 
     def __init__(self, capacity: int, workers: int = 1) -> None:
@@ -229,7 +230,7 @@ def _produce(state: Prefetch, draw: Callable[[Prefetch, int], Any]) -> None:
 
 
 class SampleIterator(Generic[T]):
-    """Batches drawn on background threads, up to `prefetch` of them kept ready.
+    """Batches drawn on background threads: `prefetch` kept ready besides the draws in flight.
 
     Created by `VaultReader.sample_iter`. Endless: stop it with `close()`, a `with` block, or by
     closing its reader; an iterator left behind (`break` out of a `for` loop) stops once it is

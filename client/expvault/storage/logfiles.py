@@ -131,20 +131,20 @@ class LogFiles:
         except FileNotFoundError:
             self._forget(log, name)
             return None
+        first = int(name[:20])  # the stream offset of the file's first record
         try:
             stat = os.fstat(fd)
             known = log.known.get(name)
             if known is None or known.inode != stat.st_ino:  # new, or another file by that name
                 self._forget(log, name)
-                known = log.known[name] = _LogFile(stat.st_ino, next_start=int(name[:20]))
+                known = log.known[name] = _LogFile(stat.st_ino, next_start=first)
             while True:
                 head_size = files.segment_header_size(
                     os.pread(fd, files.SEGMENT_HEAD_BYTES, known.end)
                 )
-                if head_size is None:
+                if head_size is None or known.end + head_size > stat.st_size:
                     break
                 start, steps, size = files.segment_extent(os.pread(fd, head_size, known.end))
-                first = int(name[:20])
                 if not first <= start <= known.next_start or known.end + size > stat.st_size:
                     break
                 if not files.segment_intact(os.pread(fd, size, known.end)):
