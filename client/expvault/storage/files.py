@@ -119,21 +119,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_IOV_MAX = 512  # buffers per pwritev (Linux takes up to 1024)
+
+
+def write_all(fd: int, chunks: Sequence[bytes | memoryview], offset: int) -> int:
+    """Writes every byte of `chunks` at `offset` of `fd`, however the kernel splits the writes.
+
+    Returns:
+        The number of bytes written.
+    """
+    views = [memoryview(c).cast("B") for c in chunks]
+    start = offset
+    while views:
+        written = os.pwritev(fd, views[:_IOV_MAX], offset)
+        offset += written
+        while written and views:
+            if written >= len(views[0]):
+                written -= len(views.pop(0))
+            else:
+                views[0] = views[0][written:]
+                written = 0
+    return offset - start
+
+
 def write_durably(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
     """Writes `chunks` to `path` atomically (temp file, fsync, rename, fsync of the directory)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        views = [memoryview(c).cast("B") for c in chunks]
-        while views:
-            written = os.writev(fd, views[:512])
-            while written and views:
-                if written >= len(views[0]):
-                    written -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][written:]
-                    written = 0
+        write_all(fd, chunks, 0)
         os.fdatasync(fd)
     except BaseException:
         os.close(fd)

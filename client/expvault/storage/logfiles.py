@@ -49,7 +49,6 @@ LOG_FILE_MIN_BYTES = 1 << 20
 SPARE_FILES = 2
 _LOG_NAME = re.compile(r"(\d{20})\.log")
 _SPARE = re.compile(r"spare-[0-9a-f]{32}\.log")
-_IOV_MAX = 512  # buffers per pwritev (Linux takes up to 1024)
 
 
 @dataclass(frozen=True)
@@ -191,24 +190,14 @@ class LogFiles:
             OSError: the file system failed (a full disk included).
         """
         log = self._log(stream)
-        views = [memoryview(c).cast("B") for c in chunks]
-        size = sum(len(v) for v in views)
+        size = sum(memoryview(c).nbytes for c in chunks)
         # Sized by this record, so a file grown by a few large records does not go on growing
         # by small ones; a spare's blocks are used whatever its size.
         log.file_bytes = max(LOG_FILE_MIN_BYTES, RECORDS_PER_FILE * size)
         if log.fd < 0 or (log.pos > 0 and log.pos + size > max(log.file_bytes, log.allocated)):
             self._begin_file(log, name.start)
         assert log.current is not None
-        offset = log.pos
-        while views:
-            written = os.pwritev(log.fd, views[:_IOV_MAX], offset)
-            offset += written
-            while written and views:
-                if written >= len(views[0]):
-                    written -= len(views.pop(0))
-                else:
-                    views[0] = views[0][written:]
-                    written = 0
+        files.write_all(log.fd, chunks, log.pos)
         os.fdatasync(log.fd)
         with log.lock:
             known = log.known[log.current]
