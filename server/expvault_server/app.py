@@ -14,11 +14,10 @@ from grpc_reflection.v1alpha import reflection
 
 from expvault.errors import UnavailableError
 from expvault.storage import Store
-from expvault.v1 import vault_pb2, vault_pb2_grpc
 from expvault_server._malloc import bound_malloc
 from expvault_server.auth import TokenAuth, is_loopback, load_tokens, server_credentials
 from expvault_server.config import ServerConfig, parse_listen
-from expvault_server.service import VaultServicer
+from expvault_server.service import SERVICE, VaultServicer, add_servicer
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ STORAGE_WORKERS = 32  # threads for blocking storage calls (asyncio's default: C
 
 __all__ = ["SERVICE_NAME", "VaultServer", "exposure_warning", "serve"]
 
-SERVICE_NAME = vault_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+SERVICE_NAME = SERVICE.full_name
 # A peer that does not answer a ping within KEEPALIVE_TIMEOUT_MS is dropped: with these, a dead
 # actor's stream is free again within about 40 s.
 KEEPALIVE_TIME_MS = 30_000
@@ -141,7 +140,7 @@ class VaultServer:
             ],
         )
         self._servicer = VaultServicer(self._store, config)
-        vault_pb2_grpc.add_VaultServiceServicer_to_server(self._servicer, server)
+        add_servicer(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (

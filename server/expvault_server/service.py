@@ -50,7 +50,10 @@ else:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VaultServicer", "vault_info_to_proto"]
+__all__ = ["SERVICE", "VaultServicer", "add_servicer", "vault_info_to_proto"]
+
+# The service this module serves, as the .proto declares it.
+SERVICE: Final = vault_pb2.DESCRIPTOR.services_by_name["VaultService"]
 
 # Bytes a chunk is charged beyond its payload, so that floods of tiny chunks are bounded too.
 _CHUNK_OVERHEAD_BYTES: Final = 1024
@@ -60,9 +63,34 @@ _MESSAGES_PER_READ: Final = 8
 _FOLLOW_QUEUE: Final = 8
 
 # A data message and the bytes of `max_read_buffer_bytes` it holds until it is handed to gRPC.
-_Charged = tuple[vault_pb2.ReadResponse, int]
+_Charged = tuple[vault_pb2.ReadResponse | bytes, int]
 
 ServicerContext = grpc.aio.ServicerContext
+
+
+def add_servicer(servicer: VaultServicer, server: grpc.aio.Server) -> None:
+    """Registers `servicer` as `VaultService` on `server`; responses may be serialized already.
+
+    As the generated `add_VaultServiceServicer_to_server`, except that a handler may yield
+    bytes (`codec.with_leaves`): large responses are built without protobuf copying their leaves.
+    """
+    handlers = {}
+    for method in SERVICE.methods:
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[method.client_streaming, method.server_streaming]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(vault_pb2, method.input_type.name).FromString,
+            response_serializer=codec.serialize_response,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def vault_info_to_proto(info: VaultInfo) -> vault_pb2.VaultInfo:
@@ -398,11 +426,11 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     # -- reads ----------------------------------------------------------------------------------
 
     @override
-    async def Read(
+    async def Read(  # type: ignore[override]  # it may yield serialized bytes (add_servicer)
         self,
         request: vault_pb2.ReadRequest,
         context: ServicerContext[vault_pb2.ReadRequest, vault_pb2.ReadResponse],
-    ) -> AsyncIterator[vault_pb2.ReadResponse]:
+    ) -> AsyncIterator[vault_pb2.ReadResponse | bytes]:
         async with rpc_errors(context, "Read") as scope:
             self._check_open()
             vault = await asyncio.to_thread(
@@ -440,7 +468,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
 
     async def _read_messages(
         self, request: vault_pb2.ReadRequest, vault: VaultInfo, plan: _ReadPlan, scope: ErrorScope
-    ) -> AsyncGenerator[vault_pb2.ReadResponse, None]:
+    ) -> AsyncGenerator[vault_pb2.ReadResponse | bytes, None]:
         """The data messages of a Read call; each one's bytes go back to the budget once sent."""
         charged: AsyncGenerator[_Charged, None]
         if request.vault_uid or not request.follow:
@@ -531,7 +559,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
         def size(lo: int) -> int:
             return (min(stop, lo + block) - lo) * plan.step_bytes
 
-        def read(lo: int) -> asyncio.Future[list[vault_pb2.ReadResponse]]:
+        def read(lo: int) -> asyncio.Future[list[tuple[bytes, int]]]:
             future = loop.run_in_executor(
                 None,
                 _read_messages,
@@ -555,8 +583,8 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
                 messages = await future
                 if following is not None and plan.holding.try_acquire(size(following)):
                     ahead.append((read(following), size(following)))
-                for message in messages:
-                    yield message, message.num_steps * plan.step_bytes
+                for message, num_steps in messages:
+                    yield message, num_steps * plan.step_bytes
                 if following is not None and not ahead:  # it did not fit: read it now
                     await plan.holding.acquire(size(following))
                     ahead.append((read(following), size(following)))
@@ -650,11 +678,11 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
     # -- samples --------------------------------------------------------------------------------
 
     @override
-    async def Sample(
+    async def Sample(  # type: ignore[override]  # it yields serialized bytes (add_servicer)
         self,
         request: vault_pb2.SampleRequest,
         context: ServicerContext[vault_pb2.SampleRequest, vault_pb2.SampleResponse],
-    ) -> AsyncIterator[vault_pb2.SampleResponse]:
+    ) -> AsyncIterator[bytes]:
         async with rpc_errors(context, "Sample"):
             self._check_open()
             if request.batch_size < 1 or request.sequence_length < 1:
@@ -673,9 +701,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             for lo in range(plan.per_message, len(plan.windows), plan.per_message):
                 yield await asyncio.to_thread(plan.message, lo)
 
-    def _plan_sample(
-        self, request: vault_pb2.SampleRequest
-    ) -> tuple[_SamplePlan, vault_pb2.SampleResponse]:
+    def _plan_sample(self, request: vault_pb2.SampleRequest) -> tuple[_SamplePlan, bytes]:
         """Draws a Sample call's windows and reads its first message (blocks: worker thread)."""
         vault = self._store.get_vault(request.vault_name, with_sizes=False)
         schema = vault.schema
@@ -699,9 +725,7 @@ class VaultServicer(vault_pb2_grpc.VaultServiceServicer):
             names=[schema.leaves[i].name for i in picked],
             per_message=max(1, self._config.message_bytes // max(1, row_bytes)),
         )
-        message = plan.message(0)
-        message.structure.CopyFrom(codec.schema_to_proto(schema))
-        return plan, message
+        return plan, plan.message(0, codec.schema_to_proto(schema))
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -769,22 +793,22 @@ def _resolve(request: vault_pb2.ReadRequest, vault_uid: str, length: int) -> tup
 
 def _read_messages(
     stream: Stream, start: int, stop: int, names: Sequence[str], per_message: int
-) -> list[vault_pb2.ReadResponse]:
-    """Reads `[start, stop)` and encodes it into messages of `per_message` steps (worker thread)."""
-    arrays = stream.read(start, stop, list(names))
+) -> list[tuple[bytes, int]]:
+    """Reads `[start, stop)` as serialized messages of `per_message` steps (worker thread).
+
+    Returns each message with its number of steps. Each message's steps are read on their own,
+    into arrays small enough for the allocator to reuse its memory (a block of messages read at
+    once is mapped afresh, and zero-filled, for every block), and copied once, into the message.
+    """
     committed = stream.length
     messages = []
-    for lo in range(0, stop - start, per_message):
-        hi = min(stop - start, lo + per_message)
-        messages.append(
-            vault_pb2.ReadResponse(
-                vault_uid=stream.vault_uid,
-                start=start + lo,
-                num_steps=hi - lo,
-                leaves=codec.encode_arrays([a[:, lo:hi] for a in arrays]),
-                committed_offset=committed,
-            )
+    for lo in range(start, stop, per_message):
+        hi = min(stop, lo + per_message)
+        arrays = stream.read(lo, hi, list(names))
+        head = vault_pb2.ReadResponse(
+            vault_uid=stream.vault_uid, start=lo, num_steps=hi - lo, committed_offset=committed
         )
+        messages.append((codec.with_leaves(head, arrays), hi - lo))
     return messages
 
 
@@ -811,10 +835,12 @@ class _SamplePlan:
     names: Sequence[str]
     per_message: int
 
-    def message(self, first: int) -> vault_pb2.SampleResponse:
-        """The message of windows `[first, first + per_message)` (blocks: worker thread)."""
+    def message(self, first: int, structure: vault_pb2.Structure | None = None) -> bytes:
+        """The message of windows `[first, first + per_message)`, serialized (worker thread)."""
         group = self.windows[first : first + self.per_message]
-        return _sample_message(self.streams, group, first, self.sequence_length, self.names)
+        return _sample_message(
+            self.streams, group, first, self.sequence_length, self.names, structure
+        )
 
 
 def _draw_windows(
@@ -849,10 +875,11 @@ def _sample_message(
     first: int,
     sequence_length: int,
     names: Sequence[str],
-) -> vault_pb2.SampleResponse:
+    structure: vault_pb2.Structure | None,
+) -> bytes:
     """Reads the windows (one batched read per stream) and stacks them into one message.
 
-    Runs in a worker thread.
+    Runs in a worker thread. The first message of a call carries the vault's `structure`.
     """
     by_stream: dict[int, list[int]] = {}
     for position, (which, _, _) in enumerate(windows):
@@ -866,10 +893,11 @@ def _sample_message(
             leaves = [np.empty((len(windows), *part.shape[1:]), part.dtype) for part in parts]
         for leaf, part in zip(leaves, parts, strict=True):
             leaf[positions] = part
-    return vault_pb2.SampleResponse(
+    head = vault_pb2.SampleResponse(
         first=first,
         vault_uids=[streams[i].vault_uid for i, _, _ in windows],
         batch_rows=[r for _, r, _ in windows],
         starts=[s for _, _, s in windows],
-        leaves=codec.encode_arrays(leaves),
+        structure=structure,
     )
+    return codec.with_leaves(head, leaves)
