@@ -711,6 +711,56 @@ def test_read_windows_returns_single_rows_across_the_log_boundary(store: Store) 
     np.testing.assert_array_equal(picked[0], got[0][:2])
 
 
+@pytest.mark.parametrize("cache_bytes", [0, 300, 32 << 20])
+def test_read_windows_cut_from_cached_chunks_match_the_stream(
+    tmp_path: Path, cache_bytes: int
+) -> None:
+    # Every leaf here is small (at most 40 bytes per row and step): sampled windows are cut out
+    # of whole chunks kept in the store's chunk cache; 300 bytes keeps one chunk at a time, 0
+    # none (tensorstore's indexed read).
+    store = Store(tmp_path / "root", small_chunk_cache_bytes=cache_bytes)
+    try:
+        stream = _stream(store, chunk_steps=16)
+        _append_pieces(stream, 200)
+        stream.flush()
+        _append_pieces(stream, 230)  # the last ones still in the log
+        full = stream.read(0, 230)
+        rng = np.random.default_rng(1)
+        for length in (1, 5, 16, 40):
+            windows = [
+                (int(r), int(s))
+                for r, s in zip(
+                    rng.integers(0, SCHEMA.batch_size, 50),
+                    rng.integers(0, 230 - length + 1, 50),
+                    strict=True,
+                )
+            ]
+            windows += [(1, max(0, 16 - length // 2)), (0, 0), (1, 230 - length)]
+            for _ in range(2):  # cold, then from the cache
+                got = stream.read_windows(windows, length)
+                for k, array in enumerate(full):
+                    want = np.stack([array[row, start : start + length] for row, start in windows])
+                    np.testing.assert_array_equal(got[k], want)
+        assert store.chunk_cache.nbytes <= cache_bytes
+        assert (store.chunk_cache.nbytes > 0) == (cache_bytes > 0)
+    finally:
+        store.close()
+
+
+def test_a_chunk_read_before_it_filled_up_is_not_kept(store: Store) -> None:
+    stream = _stream(store, chunk_steps=16)
+    _append_pieces(stream, 40)
+    stream.flush()  # chunk [32, 48) written with 8 steps of 16
+    first = stream.read_windows([(0, 34), (1, 30)], 6)
+    np.testing.assert_array_equal(first[2][0], expected(34, 40)[2][0])
+    _append_pieces(stream, 60)
+    stream.flush()  # now whole: a kept copy of its first write would hold zeros for [40, 48)
+    again = stream.read_windows([(0, 36), (1, 40)], 10)
+    for k, array in enumerate(expected(36, 50)):
+        np.testing.assert_array_equal(again[k][0], array[0, :10])
+        np.testing.assert_array_equal(again[k][1], array[1, 4:14])
+
+
 @pytest.mark.parametrize(("row", "start"), [(-1, 0), (SCHEMA.batch_size, 0), (0, -1), (0, 30)])
 def test_read_windows_refuses_windows_outside_the_stream(
     store: Store, row: int, start: int

@@ -34,6 +34,7 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import files
+from expvault.storage.chunks import ChunkCache
 from expvault.storage.lease import DEFAULT_LEASE_S
 from expvault.storage.location import KvLocation, Location, open_location
 from expvault.storage.stream import LogBudget, Stream
@@ -148,6 +149,9 @@ class Store:
             `memory://`, `s3://BUCKET/PREFIX`, `gs://BUCKET/PREFIX`, or a tensorstore kvstore
             spec (see `open_location`), or a `Location` (its context then holds the cache).
         cache_bytes: tensorstore's chunk cache for reads, shared by all streams.
+        small_chunk_cache_bytes: whole decoded chunks of small leaves (at most 64 bytes per row
+            and step: rewards, actions, flags) that `Stream.read_windows` (sampling) cuts
+            windows out of, shared by all streams; 0 reads them with tensorstore's indexed read.
         max_log_bytes: bytes of committed steps all streams together keep in memory until they
             are moved into the arrays; writers wait beyond it (see `LogBudget`). None: no bound.
         lease_s: on a shared object store, how long a writer's lease of a stream lasts without
@@ -162,6 +166,7 @@ class Store:
         root: str | os.PathLike[str] | dict[str, Any] | Location,
         *,
         cache_bytes: int = 256 << 20,
+        small_chunk_cache_bytes: int = 32 << 20,
         max_log_bytes: int | None = None,
         lease_s: float = DEFAULT_LEASE_S,
         poll_interval_s: float = 0.2,
@@ -183,6 +188,7 @@ class Store:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.poll_interval_s = poll_interval_s
         self.log_budget = LogBudget(max_log_bytes)
+        self.chunk_cache = ChunkCache(small_chunk_cache_bytes)
         self._lock = threading.RLock()
         self._streams: dict[tuple[str, str], Stream] = {}
 
@@ -514,6 +520,7 @@ class Store:
                 lease_s=self.lease_s,
                 owner=self.owner,
                 poll_interval_s=self.poll_interval_s,
+                chunk_cache=self.chunk_cache,
             )
         except (OSError, ValueError) as e:  # the index or the log cannot be read
             raise StorageError(

@@ -44,6 +44,7 @@ from expvault.errors import (
 )
 from expvault.schema import Schema
 from expvault.storage import files
+from expvault.storage.chunks import ChunkCache, WindowGather, small_leaf_chunks
 from expvault.storage.files import SegmentName
 from expvault.storage.lease import FENCE_KEY, Fences, Lease, segment_valid
 from expvault.storage.location import NO_VALUE, KvLocation, Location
@@ -184,6 +185,7 @@ class Stream:
         lease_s: float = 10.0,
         owner: str | None = None,
         poll_interval_s: float = 0.2,
+        chunk_cache: ChunkCache | None = None,
     ) -> None:
         self.vault_name = vault_name
         self.vault_uid = vault_uid
@@ -197,6 +199,16 @@ class Stream:
         self._arrays = list(arrays)
         self._index = index
         self._flush_steps = flush_steps
+        # Windows of small leaves are cut out of whole chunks kept in `chunk_cache`: per leaf,
+        # its (rows, steps) per stored chunk, or None where tensorstore's indexed read is used.
+        self._chunk_cache = chunk_cache
+        self._cache_token = ChunkCache.token()
+        self._small_chunks = [
+            small_leaf_chunks(leaf.step_bytes, array.chunk_layout.read_chunk.shape or (1, 1))
+            if chunk_cache is not None and chunk_cache.max_bytes
+            else None
+            for leaf, array in zip(schema.leaves, self._arrays, strict=True)
+        ]
         chunk_bytes = max(1, flush_steps * schema.step_bytes)
         # Steps per transaction of the materializer: at least, and at most (whole chunks).
         self._batch_steps = flush_steps * max(
@@ -920,18 +932,32 @@ class Stream:
         ]
         # (output leaf, where in it, read future); tensorstore runs the reads concurrently.
         pending: list[tuple[np.ndarray[Any, Any], Any, Any]] = []
+        gathers: list[tuple[int, WindowGather]] = []  # small leaves: (output leaf, windows)
         inside = [w for w, (_, start) in enumerate(windows) if start + length <= materialized]
         if inside:
             # Windows wholly in the arrays: one vectorized gather per leaf instead of a read per
-            # window and leaf (Python indexing and futures cost more than the copy here).
+            # window and leaf (Python indexing and futures cost more than the copy here), or
+            # for small leaves slices of whole chunks, kept in the chunk cache (see `chunks`).
             rows = np.array([windows[w][0] for w in inside], np.int64)[:, None]
             starts = np.array([windows[w][1] for w in inside], np.int64)[:, None]
             steps = starts + np.arange(length, dtype=np.int64)
             where: Any = slice(None) if len(inside) == len(windows) else inside
-            pending += [
-                (out[k], where, self._arrays[i].vindex[rows, steps].read())
-                for k, i in enumerate(picked)
-            ]
+            for k, i in enumerate(picked):
+                shape = self._small_chunks[i]
+                if shape is None or self._chunk_cache is None:
+                    pending.append((out[k], where, self._arrays[i].vindex[rows, steps].read()))
+                    continue
+                gather = WindowGather(
+                    self._chunk_cache,
+                    (self._cache_token, i),
+                    shape,
+                    [windows[w] for w in inside],
+                    length,
+                    self.schema.batch_size,
+                    materialized,
+                    self._arrays[i],
+                )
+                gathers.append((k, gather))
         for w, (row, start) in enumerate(windows):
             stop, mid = start + length, min(start + length, materialized)
             if stop <= materialized:
@@ -951,6 +977,13 @@ class Stream:
         try:
             for array, index, future in pending:
                 array[index] = future.result()
+            for k, gather in gathers:
+                if len(inside) == len(windows):
+                    gather.into(out[k])
+                else:
+                    part = np.empty((len(inside), *out[k].shape[1:]), out[k].dtype)
+                    gather.into(part)
+                    out[k][inside] = part
         except Exception as e:
             raise self._read_error(0, committed, e) from e
         return out
