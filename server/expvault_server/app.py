@@ -114,6 +114,7 @@ class VaultServer:
                 Store,
                 config.root,
                 cache_bytes=config.cache_bytes,
+                small_chunk_cache_bytes=config.small_chunk_cache_bytes,
                 max_log_bytes=config.max_log_bytes,
                 lease_s=config.lease_s,
                 s3_endpoint=config.s3_endpoint,

@@ -199,6 +199,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         type=int,
     )
     _flag(parser, "--cache-bytes", str(d.cache_bytes), "tensorstore's chunk cache", type=int)
+    _flag(
+        parser,
+        "--small-chunk-cache-bytes",
+        str(d.small_chunk_cache_bytes),
+        "whole chunks of small leaves (<= 64 bytes per row and step) kept for sampling; 0: none",
+        type=int,
+    )
     _flag(parser, "--max-vaults", str(d.max_vaults), "vaults the root may hold", type=int)
     _flag(
         parser,
@@ -264,6 +271,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             max_read_buffer_bytes=args.max_read_buffer_bytes,
             max_log_bytes=args.max_log_bytes,
             cache_bytes=args.cache_bytes,
+            small_chunk_cache_bytes=args.small_chunk_cache_bytes,
             max_vaults=args.max_vaults,
             max_streams_per_vault=args.max_streams_per_vault,
             max_leaves=args.max_leaves,

@@ -61,6 +61,7 @@ class SoakSettings:
     max_read_buffer_bytes: int = 64 * _MIB
     max_log_bytes: int = 64 * _MIB
     cache_bytes: int = 256 * _MIB
+    small_chunk_cache_bytes: int = 32 * _MIB
     message_bytes: int = 1 * _MIB
     root: Path | None = None
     startup_timeout_s: float = 180.0
@@ -120,7 +121,8 @@ def rss_bound_bytes(settings: SoakSettings, baseline_rss_bytes: int) -> int:
     (chunks as received, and merged into a group commit); three times the log held in memory,
     `max_log_bytes` plus a chunk per stream (the log's arrays, and tensorstore's chunk buffers
     and their encoded form while a transaction moves them into the arrays); twice
-    `max_read_buffer_bytes` (steps read as arrays, then encoded into messages); `cache_bytes`;
+    `max_read_buffer_bytes` (steps read as arrays, then encoded into messages); `cache_bytes`
+    and `small_chunk_cache_bytes`;
     per stream written, its flow-control window; per sampler, a few messages; and a fixed slack.
     Nothing here grows with time, with the data stored, or with the number of readers' streams.
     """
@@ -131,6 +133,7 @@ def rss_bound_bytes(settings: SoakSettings, baseline_rss_bytes: int) -> int:
         + 3 * (settings.max_log_bytes + settings.writers * _PER_STREAM_BYTES)
         + 2 * settings.max_read_buffer_bytes
         + settings.cache_bytes
+        + settings.small_chunk_cache_bytes
         + samplers * 4 * settings.message_bytes
         + _SLACK_BYTES
     )
@@ -301,6 +304,7 @@ def run_soak(settings: SoakSettings, *, out: TextIO | None = None) -> SoakResult
             *("--max-read-buffer-bytes", str(settings.max_read_buffer_bytes)),
             *("--max-log-bytes", str(settings.max_log_bytes)),
             *("--cache-bytes", str(settings.cache_bytes)),
+            *("--small-chunk-cache-bytes", str(settings.small_chunk_cache_bytes)),
             startup_timeout_s=settings.startup_timeout_s,
         )
         stack.callback(server.stop)
@@ -475,7 +479,8 @@ def summary(result: SoakResult) -> str:
             f"{s.max_inflight_bytes / _MIB:.0f} MiB, {s.max_inflight_bytes_per_stream / _MIB:.0f} "
             f"MiB per stream; max_log_bytes {s.max_log_bytes / _MIB:.0f} MiB; "
             f"max_read_buffer_bytes {s.max_read_buffer_bytes / _MIB:.0f} MiB; cache_bytes "
-            f"{s.cache_bytes / _MIB:.0f} MiB; message_bytes {s.message_bytes / _MIB:.0f} MiB)",
+            f"{s.cache_bytes / _MIB:.0f} + {s.small_chunk_cache_bytes / _MIB:.0f} MiB; "
+            f"message_bytes {s.message_bytes / _MIB:.0f} MiB)",
             "  RSS peak by quarter of the soak: "
             + " / ".join(f"{b / _MIB:.0f}" for b in result.rss_by_quarter_bytes)
             + " MiB",
@@ -517,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="server limit on acknowledged steps held in memory",
     )
     parser.add_argument("--cache-bytes", type=int, default=d.cache_bytes, help="server chunk cache")
+    parser.add_argument(
+        "--small-chunk-cache-bytes",
+        type=int,
+        default=d.small_chunk_cache_bytes,
+        help="server cache of small leaves' chunks for sampling",
+    )
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -538,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_read_buffer_bytes=args.max_read_buffer_bytes,
         max_log_bytes=args.max_log_bytes,
         cache_bytes=args.cache_bytes,
+        small_chunk_cache_bytes=args.small_chunk_cache_bytes,
         root=args.root,
     )
     result = run_soak(settings, out=None if args.json else sys.stdout)

@@ -22,6 +22,7 @@ SERVE_FLAGS = {
     "--max-read-buffer-bytes": "EXPVAULT_MAX_READ_BUFFER_BYTES",
     "--max-log-bytes": "EXPVAULT_MAX_LOG_BYTES",
     "--cache-bytes": "EXPVAULT_CACHE_BYTES",
+    "--small-chunk-cache-bytes": "EXPVAULT_SMALL_CHUNK_CACHE_BYTES",
     "--max-vaults": "EXPVAULT_MAX_VAULTS",
     "--max-streams-per-vault": "EXPVAULT_MAX_STREAMS_PER_VAULT",
     "--max-leaves": "EXPVAULT_MAX_LEAVES",
@@ -123,6 +124,7 @@ def test_config_is_checked(tmp_path: Path) -> None:
         ({"max_leaves": 0}, "max_leaves must be >= 1"),
         ({"max_step_bytes": -5}, "max_step_bytes must be >= 1"),
         ({"max_sample_batch": 0}, "max_sample_batch must be >= 1"),
+        ({"small_chunk_cache_bytes": -1}, "small_chunk_cache_bytes must be >= 0"),
         ({"tls_key": "k.pem"}, "both --tls-cert and --tls-key"),
         ({"tls_client_ca": "ca.pem"}, "needs TLS"),
     ]
