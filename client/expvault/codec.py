@@ -295,10 +295,8 @@ def _leaf_fields(
 def with_leaves(
     message: vault_pb2.ReadResponse | vault_pb2.SampleResponse,
     arrays: Sequence[np.ndarray[Any, Any]],
-    lo: int = 0,
-    hi: int | None = None,
 ) -> bytes:
-    """`message` serialized with steps `[lo, hi)` of `arrays` as its `leaves`, copied once.
+    """`message` serialized with `arrays` as its `leaves`, each copied once.
 
     Building the message with `encode_arrays` copies each leaf three times (to bytes, into the
     message, out of it when serialized); this joins the small rest of the message with views of
@@ -308,18 +306,10 @@ def with_leaves(
     Args:
         message: a Read or Sample response without leaves.
         arrays: one array per leaf, in wire order, each `(B, n, ...)`.
-        lo: first step to carry.
-        hi: one past the last; default `n`.
     """
     total = int(arrays[0].shape[1]) if arrays else 0
-    number = message.DESCRIPTOR.fields_by_name["leaves"].number
-    parts, _ = _leaf_fields(
-        _varint(number << 3 | 2),
-        [_leaf_bytes(a) for a in arrays],
-        total,
-        lo,
-        total if hi is None else hi,
-    )
+    tag = _varint(message.DESCRIPTOR.fields_by_name["leaves"].number << 3 | 2)
+    parts, _ = _leaf_fields(tag, [_leaf_bytes(a) for a in arrays], total, 0, total)
     return b"".join([message.SerializeToString(), *parts])
 
 

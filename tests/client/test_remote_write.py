@@ -197,13 +197,10 @@ def test_write_raises_a_background_failure(server: ServerThread) -> None:
 # -- the wire encoding ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("message_bytes", [1, 50, 200, 1 << 20])
-@pytest.mark.parametrize("start", [0, 7, 1 << 40])
-def test_encoded_chunks_are_the_append_requests_protobuf_builds(
-    message_bytes: int, start: int
-) -> None:
+def _awkward_leaves() -> list[np.ndarray[Any, Any]]:
+    """Leaves `(3, 10, ...)` of every kind the wire encoding must handle."""
     rng = np.random.default_rng(0)
-    arrays = [
+    return [
         rng.standard_normal((3, 10, 4)).astype(np.float32),
         rng.random((3, 10)) < 0.5,
         np.zeros((3, 10, 0), np.int16),
@@ -211,6 +208,14 @@ def test_encoded_chunks_are_the_append_requests_protobuf_builds(
         rng.standard_normal((3, 10)).astype(jnp.bfloat16),
         rng.standard_normal((3, 20, 4)).astype(np.float32)[:, ::2],  # not contiguous
     ]
+
+
+@pytest.mark.parametrize("message_bytes", [1, 50, 200, 1 << 20])
+@pytest.mark.parametrize("start", [0, 7, 1 << 40])
+def test_encoded_chunks_are_the_append_requests_protobuf_builds(
+    message_bytes: int, start: int
+) -> None:
+    arrays = _awkward_leaves()
     chunks = list(codec.append_chunks(start, arrays, message_bytes))
     parts = list(codec.split_steps(start, arrays, message_bytes))
     assert len(chunks) == len(parts)
@@ -225,6 +230,24 @@ def test_encoded_chunks_are_the_append_requests_protobuf_builds(
     assert codec.serialize_append_request(chunks[0].request) is chunks[0].request
     opened = vault_pb2.AppendRequest(open=vault_pb2.AppendOpen(vault_name="v"))
     assert codec.serialize_append_request(opened) == opened.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "steps", [slice(None), slice(0, 10), slice(3, 7), slice(9, 10), slice(4, 4)]
+)
+def test_responses_with_leaves_parse_as_the_messages_protobuf_builds(steps: slice) -> None:
+    arrays = [a[:, steps] for a in _awkward_leaves()]  # a part of the steps: strided rows
+    read = vault_pb2.ReadResponse(vault_uid="s", start=5, num_steps=4, committed_offset=9)
+    got = vault_pb2.ReadResponse.FromString(codec.with_leaves(read, arrays))
+    read.leaves.extend(codec.encode_arrays(arrays))
+    assert got == read
+    sample = vault_pb2.SampleResponse(first=2, vault_uids=["a", "b", "a"], starts=[1, 2, 3])
+    got_sample = vault_pb2.SampleResponse.FromString(codec.with_leaves(sample, arrays))
+    sample.leaves.extend(codec.encode_arrays(arrays))
+    assert got_sample == sample
+    # the server's serializer passes serialized responses through and serializes messages
+    assert codec.serialize_response(b"raw") == b"raw"
+    assert codec.serialize_response(read) == read.SerializeToString()
 
 
 def test_non_blocking_writes_queue_while_the_server_is_away(
