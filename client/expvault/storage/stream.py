@@ -942,6 +942,7 @@ class Stream:
             starts = np.array([windows[w][1] for w in inside], np.int64)[:, None]
             steps = starts + np.arange(length, dtype=np.int64)
             where: Any = slice(None) if len(inside) == len(windows) else inside
+            inside_windows = [windows[w] for w in inside]
             for k, i in enumerate(picked):
                 shape = self._small_chunks[i]
                 if shape is None or self._chunk_cache is None:
@@ -951,7 +952,7 @@ class Stream:
                     self._chunk_cache,
                     (self._cache_token, i),
                     shape,
-                    [windows[w] for w in inside],
+                    inside_windows,
                     length,
                     self.schema.batch_size,
                     materialized,
@@ -980,7 +981,7 @@ class Stream:
             for k, gather in gathers:
                 if len(inside) == len(windows):
                     gather.into(out[k])
-                else:
+                else:  # a fancy-indexed part of `out[k]` is a copy: fill one, then place it
                     part = np.empty((len(inside), *out[k].shape[1:]), out[k].dtype)
                     gather.into(part)
                     out[k][inside] = part
